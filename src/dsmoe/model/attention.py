@@ -1,0 +1,112 @@
+"""Attention: GQA/MHA (DeepSeekMoE V1, Mixtral) and Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Shape legend: B batch, T query tokens, S key tokens, H query heads, G kv heads, D head width,
+N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm, apply_rope
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, H, T, D), k (B, G, T, D), v (B, G, T, V) -> (B, H, T, V), causal.
+
+    SDPA's fast CPU kernel needs q, k and v of one width; MLA's value head (V) is narrower than its
+    query/key head (N + R), so V is zero-padded to D and the padding sliced off afterwards.
+    """
+    v_dim = v.shape[-1]
+    if v_dim < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - v_dim))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out[..., :v_dim]
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with Llama's rotate-half RoPE (MHA when kv heads == heads)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads, config.kv_heads,
+                                          config.gqa_head_dim)
+        bias = config.attention_bias
+        self.head_dim = head_dim
+        self.scale = config.softmax_scale
+        self.wq = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.wk = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.wv = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.wo = nn.Linear(heads * head_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, T, _ = x.shape
+        cos, sin = rope
+        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin, interleaved=False)  # (B, T, H, D)
+        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin, interleaved=False)  # (B, T, G, D)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, G, D)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2 section 2.1).
+
+    Keys and values are rebuilt from one low-rank latent c_kv = norm(W_DKV x) (width C); position goes
+    through a separate rope key k_pe (width R) shared by all heads, so the latent itself carries no
+    position and W_UK can be folded into the query at inference. The query is low-rank too when
+    q_lora_rank is set (V2, V3), a plain projection otherwise (V2-Lite).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim, heads = config.hidden_size, config.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_rank = config.kv_lora_rank
+        self.q_rank = config.q_lora_rank
+        self.interleaved = config.rope_interleaved
+        self.scale = config.softmax_scale
+        bias = config.attention_bias
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_rank is None:
+            self.wq = nn.Linear(dim, heads * qk_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(dim, self.q_rank, bias=bias)
+            self.q_norm = RMSNorm(self.q_rank)
+            self.wq_b = nn.Linear(self.q_rank, heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(dim, self.kv_rank + self.rope_dim, bias=bias)  # [c_kv | k_pe]
+        self.kv_norm = RMSNorm(self.kv_rank)
+        self.wkv_b = nn.Linear(self.kv_rank, heads * (self.nope_dim + self.v_dim), bias=False)  # [W_UK; W_UV]
+        self.wo = nn.Linear(heads * self.v_dim, dim, bias=bias)
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, dim) -> q_nope (B, T, H, N), q_pe (B, T, H, R) with rope applied."""
+        B, T, _ = x.shape
+        q = self.wq(x) if self.q_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, -1, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin, self.interleaved)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, dim) -> c_kv (B, T, C) normalised, k_pe (B, T, R) with rope: all an MLA cache keeps."""
+        c_kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleaved).squeeze(2)
+        return self.kv_norm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Naive form: decompress per-head keys and values from the latent, then ordinary attention."""
+        B, T, _ = x.shape
+        cos, sin = rope
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        kv = self.wkv_b(c_kv).view(B, T, -1, self.nope_dim + self.v_dim)  # (B, S, H, N + V)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        heads = k_nope.shape[2]
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, N + R)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, heads, -1)), dim=-1)  # (B, S, H, N + R)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*V) -> (B, T, dim)

@@ -1,0 +1,92 @@
+"""Named configurations: the published models (from their config.json on the Hub) and tiny CPU ones.
+
+`get_preset(name)` returns a fresh ModelConfig; every command that takes a model takes one of these names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ModelConfig
+
+_YARN_40 = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "original_max_position_embeddings": 4096}
+
+PUBLISHED: dict[str, dict[str, Any]] = {
+    # deepseek-ai/deepseek-moe-16b-base (DeepSeekMoE, "V1")
+    "deepseek-moe-16b": dict(
+        model_type="deepseek", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1408,
+        first_k_dense_replace=1, scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+        aux_loss_alpha=0.001, seq_aux=True, bos_token_id=100000, eos_token_id=100001),
+    # deepseek-ai/DeepSeek-V2
+    "deepseek-v2": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+        num_hidden_layers=60, num_attention_heads=128, max_position_embeddings=163840,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1536,
+        first_k_dense_replace=1, scoring_func="softmax", topk_method="group_limited_greedy",
+        n_group=8, topk_group=3, norm_topk_prob=False, routed_scaling_factor=16.0,
+        rope_scaling={"type": "yarn", "mscale": 0.707, "mscale_all_dim": 0.707, **_YARN_40},
+        aux_loss_alpha=0.003, seq_aux=True, bos_token_id=100000, eos_token_id=100001),
+    # deepseek-ai/DeepSeek-V2-Lite (no query compression)
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        num_hidden_layers=27, num_attention_heads=16, max_position_embeddings=163840,
+        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, moe_intermediate_size=1408,
+        first_k_dense_replace=1, scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+        norm_topk_prob=False, routed_scaling_factor=1.0,
+        rope_scaling={"type": "yarn", "mscale": 0.707, "mscale_all_dim": 0.707, **_YARN_40},
+        aux_loss_alpha=0.001, seq_aux=True, bos_token_id=100000, eos_token_id=100001),
+    # deepseek-ai/DeepSeek-V3
+    "deepseek-v3": dict(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        num_hidden_layers=61, num_attention_heads=128, max_position_embeddings=163840,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, moe_intermediate_size=2048,
+        first_k_dense_replace=3, scoring_func="sigmoid", topk_method="noaux_tc", n_group=8, topk_group=4,
+        norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+        rope_scaling={"type": "yarn", "mscale": 1.0, "mscale_all_dim": 1.0, **_YARN_40},
+        bos_token_id=0, eos_token_id=1),
+    # mistralai/Mixtral-8x7B-v0.1
+    "mixtral-8x7b": dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336, norm_topk_prob=True, rope_theta=1e6,
+        rms_norm_eps=1e-5, router_aux_loss_coef=0.02, bos_token_id=1, eos_token_id=2),
+}
+
+# A few million parameters each: big enough to route meaningfully, small enough for 2 CPU cores.
+_TINY_COMMON = dict(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    max_position_embeddings=1024, intermediate_size=384, moe_intermediate_size=64)
+_TINY_MLA = dict(kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+
+TINY: dict[str, dict[str, Any]] = {
+    "tiny-v1": dict(_TINY_COMMON, model_type="deepseek", n_routed_experts=16, n_shared_experts=2,
+                    num_experts_per_tok=4, first_k_dense_replace=1, scoring_func="softmax",
+                    topk_method="greedy", aux_loss_alpha=0.001, seq_aux=False),
+    "tiny-v2": dict(_TINY_COMMON, **_TINY_MLA, model_type="deepseek_v2", q_lora_rank=64,
+                    n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=4, first_k_dense_replace=1,
+                    scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                    routed_scaling_factor=1.0, aux_loss_alpha=0.003),
+    "tiny-v3": dict(_TINY_COMMON, **_TINY_MLA, model_type="deepseek_v3", q_lora_rank=64,
+                    n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1,
+                    scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
+                    norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1),
+    "tiny-mixtral": dict(_TINY_COMMON, model_type="mixtral", num_key_value_heads=2, n_routed_experts=8,
+                         num_experts_per_tok=2, intermediate_size=256, moe_intermediate_size=256,
+                         norm_topk_prob=True, rope_theta=1e6, rms_norm_eps=1e-5, router_aux_loss_coef=0.02),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {**PUBLISHED, **TINY}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**PRESETS[name])
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)

@@ -50,7 +50,8 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     the rest of the temperature lives in the softmax scale (ModelConfig.softmax_scale).
     """
     dim, base = config.rope_dim, config.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    # Always on the CPU: a model built on the meta device (for loading) still needs real rope tables.
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     rs = config.rope_scaling
     if rs is None or rs["rope_type"] == "default":
         return 1.0 / pos_freqs, 1.0
@@ -67,7 +68,7 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 for high-frequency dims, kept as they were trained
     inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolate
     if rs.get("attention_factor") is not None:

@@ -1,0 +1,166 @@
+"""load_pretrained / save_pretrained in the Hugging Face layout (config.json + safetensors shards).
+
+Loading plans everything before reading any tensor: every expected Hub name must exist with the right
+shape (FP8 weights with their block scales), and nothing unexpected may be present. Only then are the
+tensors read, converted (dequantised, stacked per expert, cast) into a fresh state dict and assigned
+into a model built on the meta device, so a load holds one copy of the weights and a failed load
+returns nothing half-built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..model import Transformer
+from .fp8 import DEFAULT_BLOCK, FP8_DTYPES, dequantize_blockwise, scale_shape
+from .names import hf_names, is_ignored_hf_name
+from .shards import INDEX_NAME, SINGLE_NAME, CheckpointError, ShardReader, parse_size, write_shards
+
+_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_ALWAYS_FP32 = (".ffn.gate.bias",)  # V3's correction bias: tiny, and updates of 1e-3 vanish in bf16
+
+
+def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None) -> Transformer:
+    """Load a Hugging Face checkpoint directory (DeepSeek V1/V2/V3, Mixtral) into a `Transformer`.
+
+    dtype: the parameters' dtype; None keeps the checkpoint's (that of its embedding; FP8 weights are
+    dequantised to it). The model is returned in eval mode on the CPU.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such model directory")
+    config = ModelConfig.from_hf(directory)
+    block = _fp8_block(config)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: t for name, t in model.state_dict().items()
+                if not (config.tie_word_embeddings and name == "head.weight")}
+    with ShardReader(directory) as reader:
+        plan = _plan(config, reader, expected, block)
+        if dtype is None:
+            dtype = _checkpoint_dtype(reader)
+        state = {}
+        for ours, sources in plan.items():
+            target = torch.float32 if ours.endswith(_ALWAYS_FP32) else dtype
+            parts = [_read(reader, hf, target, block) for hf in sources]
+            state[ours] = parts[0] if len(parts) == 1 and expected[ours].ndim == parts[0].ndim else torch.stack(parts)
+    if config.tie_word_embeddings:
+        state["head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.head.weight = model.embed.weight
+    return model.eval()
+
+
+def save_pretrained(model: Transformer, directory: str | Path, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | None = None, config_style: str = "v5") -> None:
+    """Write `model` as config.json + safetensors shards with the Hub's names (per-expert tensors), which
+    `transformers.AutoModelForCausalLM.from_pretrained(directory)` loads. dtype: cast on write (default:
+    as the model holds them). Shards of at most max_shard_size (bytes, or "5GB", "500MB")."""
+    config = model.config
+    limit = parse_size(max_shard_size)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+
+    def hub_tensors():
+        for ours, t in state.items():
+            if config.tie_word_embeddings and ours == "head.weight":
+                continue
+            t = t.detach().cpu()
+            if dtype is not None and t.is_floating_point() and not ours.endswith(_ALWAYS_FP32):
+                t = t.to(dtype)
+            names = hf_names(config, ours)
+            if len(names) == 1:
+                yield names[0], t.contiguous()
+            else:  # stacked experts -> one tensor each; clone so shards share no storage
+                for e, name in enumerate(names):
+                    yield name, t[e].clone()
+
+    files = write_shards(hub_tensors(), directory, limit)
+    for stale in list(directory.glob("model*.safetensors")):
+        if stale.name not in files:
+            stale.unlink()
+    saved_dtype = dtype or model.embed.weight.dtype
+    hf = config.to_hf(config_style)
+    hf["dtype"] = str(saved_dtype).removeprefix("torch.")
+    hf.pop("quantization_config", None)  # weights are written dequantised
+    _write_json_atomic(directory / "config.json", hf)
+
+
+def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Tensor],
+          block: tuple[int, int]) -> dict[str, list[str]]:
+    """Our name -> Hub names, after checking presence, shapes and dtypes of every Hub tensor."""
+    present = set(reader.names())
+    plan: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for ours, meta in expected.items():
+        names = hf_names(config, ours)
+        plan[ours] = names
+        shape = tuple(meta.shape[1:]) if len(names) > 1 else tuple(meta.shape)
+        for hf in names:
+            if hf not in present:
+                missing.append(hf)
+                continue
+            _check_tensor(reader, hf, shape, present, block)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{reader.directory}: missing tensor {', '.join(missing[:3])}{more}")
+    wanted = {hf for names in plan.values() for hf in names}
+    for hf in sorted(present - wanted):
+        if not is_ignored_hf_name(config, hf):
+            raise CheckpointError(f"unexpected tensor {hf!r} in {reader.directory / reader.file_of[hf]} "
+                                  f"(not part of a {config.model_type} model with this config.json)")
+    return plan
+
+
+def _check_tensor(reader: ShardReader, hf: str, shape: tuple[int, ...], present: set[str],
+                  block: tuple[int, int]) -> None:
+    where = reader.directory / reader.file_of[hf]
+    got = reader.shape(hf)
+    if got != shape:
+        raise CheckpointError(f"tensor {hf!r} in {where} has shape {list(got)}, expected {list(shape)}")
+    kind = reader.dtype(hf)
+    if kind in FP8_DTYPES:
+        scale = hf + "_scale_inv"
+        if scale not in present:
+            raise CheckpointError(f"FP8 tensor {hf!r} in {where} has no {scale!r}")
+        if reader.shape(scale) != scale_shape(got, block):
+            raise CheckpointError(f"tensor {scale!r} has shape {list(reader.shape(scale))}, expected "
+                                  f"{list(scale_shape(got, block))} for {block[0]}x{block[1]} blocks of {hf!r}")
+    elif kind not in _FLOAT_DTYPES:
+        raise CheckpointError(f"tensor {hf!r} in {where} has dtype {kind}, expected a floating-point type")
+
+
+def _read(reader: ShardReader, hf: str, dtype: torch.dtype, block: tuple[int, int]) -> torch.Tensor:
+    t = reader.get(hf)
+    if reader.dtype(hf) in FP8_DTYPES:
+        return dequantize_blockwise(t, reader.get(hf + "_scale_inv"), dtype, block)
+    if not torch.isfinite(t).all():
+        raise CheckpointError(f"tensor {hf!r} in {reader.directory / reader.file_of[hf]} holds NaN or inf values")
+    return t.to(dtype)
+
+
+def _checkpoint_dtype(reader: ShardReader) -> torch.dtype:
+    kind = reader.dtype("model.embed_tokens.weight")
+    return _FLOAT_DTYPES.get(kind, torch.bfloat16)
+
+
+def _fp8_block(config: ModelConfig) -> tuple[int, int]:
+    quant = config.extra.get("quantization_config") or {}
+    block = quant.get("weight_block_size") or DEFAULT_BLOCK
+    return (int(block[0]), int(block[1]))
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+__all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "INDEX_NAME", "SINGLE_NAME"]

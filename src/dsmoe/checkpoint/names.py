@@ -1,0 +1,106 @@
+"""Hugging Face checkpoint names <-> dsmoe parameter names, one table per family.
+
+Keys inside a layer are written without the `layers.{i}.` / `model.layers.{i}.` prefix. Stacked expert
+tensors (ours: one (E, ...) tensor per projection) map to E per-expert Hub tensors; `{}` in the Hub name
+is the expert index.
+"""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+
+GLOBAL = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "head.weight": "lm_head.weight",
+}
+
+_COMMON_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+_GQA = {
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "attn.wq.bias": "self_attn.q_proj.bias",
+    "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.bias": "self_attn.v_proj.bias",
+    "attn.wo.bias": "self_attn.o_proj.bias",
+}
+
+_MLA = {
+    "attn.wq.weight": "self_attn.q_proj.weight",  # only when q_lora_rank is null (V2-Lite)
+    "attn.wq_a.weight": "self_attn.q_a_proj.weight",
+    "attn.wq_a.bias": "self_attn.q_a_proj.bias",
+    "attn.q_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn.wq_b.weight": "self_attn.q_b_proj.weight",
+    "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn.wkv_a.bias": "self_attn.kv_a_proj_with_mqa.bias",
+    "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "attn.wo.bias": "self_attn.o_proj.bias",
+}
+
+_DEEPSEEK_FFN = {
+    "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w2.weight": "mlp.down_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.gate.weight": "mlp.gate.weight",
+    "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
+    "ffn.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+    "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn.experts.w1": "mlp.experts.{}.gate_proj.weight",
+    "ffn.experts.w2": "mlp.experts.{}.down_proj.weight",
+    "ffn.experts.w3": "mlp.experts.{}.up_proj.weight",
+}
+
+_MIXTRAL_FFN = {
+    "ffn.gate.weight": "block_sparse_moe.gate.weight",
+    "ffn.experts.w1": "block_sparse_moe.experts.{}.w1.weight",
+    "ffn.experts.w2": "block_sparse_moe.experts.{}.w2.weight",
+    "ffn.experts.w3": "block_sparse_moe.experts.{}.w3.weight",
+}
+
+LAYER_TABLES = {
+    "deepseek": {**_COMMON_LAYER, **_GQA, **_DEEPSEEK_FFN},
+    "deepseek_v2": {**_COMMON_LAYER, **_MLA, **_DEEPSEEK_FFN},
+    "deepseek_v3": {**_COMMON_LAYER, **_MLA, **_DEEPSEEK_FFN},
+    "mixtral": {**_COMMON_LAYER, **_GQA, **_MIXTRAL_FFN},
+}
+
+
+def hf_names(config: ModelConfig, ours: str) -> list[str]:
+    """Hub tensor names that make up our tensor `ours`: one name, or one per expert for stacked experts."""
+    if ours in GLOBAL:
+        return [GLOBAL[ours]]
+    parts = ours.split(".", 2)
+    if parts[0] != "layers" or len(parts) < 3:
+        raise KeyError(f"no Hugging Face name for parameter {ours!r}")
+    table = LAYER_TABLES[config.model_type]
+    if parts[2] not in table:
+        raise KeyError(f"no Hugging Face name for parameter {ours!r} ({config.model_type})")
+    hf = f"model.layers.{parts[1]}.{table[parts[2]]}"
+    if "{}" in hf:
+        return [hf.format(e) for e in range(config.n_routed_experts)]
+    return [hf]
+
+
+def is_ignored_hf_name(config: ModelConfig, name: str) -> bool:
+    """Tensors a checkpoint may hold that the model does not need.
+
+    - rotary `inv_freq` tables (older exports store them; we recompute);
+    - FP8 scales, consumed together with their weight;
+    - DeepSeek-V3's multi-token-prediction layer(s), `model.layers.{num_hidden_layers + k}.*`, which the
+      main model does not use (transformers drops them the same way).
+    """
+    if name.endswith("rotary_emb.inv_freq") or name.endswith("_scale_inv"):
+        return True
+    if name.startswith("model.layers."):
+        layer = name.split(".", 3)[2]
+        return layer.isdigit() and int(layer) >= config.num_hidden_layers
+    return False

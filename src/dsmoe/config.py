@@ -109,6 +109,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+        if not self.uses_mla and self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads  # config.json must carry a number
+        if self.topk_method != "greedy":
+            # null group settings mean one group holding every expert
+            self.n_group = 1 if self.n_group is None else self.n_group
+            self.topk_group = 1 if self.topk_group is None else self.topk_group
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -162,6 +168,16 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         """Official rule: MoE from `first_k_dense_replace` on, every `moe_layer_freq` layers."""
         return self.is_moe and layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+
+    @property
+    def renormalise_topk(self) -> bool:
+        """Whether the k picked gate weights are rescaled to sum to 1.
+
+        DeepSeekMoE/V2's reference code renormalises only when top_k > 1 (a single pick keeps its softmax
+        score); V3 and Mixtral renormalise whatever k is (Mixtral's top-1 weight is 1)."""
+        if not self.norm_topk_prob:
+            return False
+        return self.num_experts_per_tok > 1 or self.model_type in ("deepseek_v3", "mixtral")
 
     @property
     def shared_intermediate_size(self) -> int:
@@ -305,8 +321,6 @@ class ModelConfig:
             values.pop("num_key_value_heads", None)
         if model_type == "mixtral":
             values["moe_intermediate_size"] = values.get("intermediate_size", cls.intermediate_size)
-        if model_type == "deepseek_v3" and values.get("n_group") is None:
-            values["n_group"], values["topk_group"] = 1, 1
         for drop in ("architectures", "transformers_version", "dtype", "torch_dtype", "auto_map"):
             extra.pop(drop, None)
         return cls(**values, extra=extra)

@@ -45,7 +45,7 @@ class Router(nn.Module):
         self.method = config.topk_method
         self.n_group = config.n_group or 1
         self.topk_group = config.topk_group or 1
-        self.normalise = config.norm_topk_prob
+        self.normalise = config.renormalise_topk
         self.scaling = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         # Only V3-style routing has a correction bias; it is a buffer (updated by the balancer, not SGD).

@@ -18,7 +18,7 @@ import torch
 from ..config import ModelConfig
 from ..model import Transformer
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPES, dequantize_blockwise, scale_shape
-from .names import hf_names, is_ignored_hf_name
+from .names import MTP_SHARED_COPIES, checkpoint_has_mtp, hf_names, is_ignored_hf_name, mtp_layer
 from .shards import INDEX_NAME, SINGLE_NAME, CheckpointError, ShardReader, parse_size, write_shards
 
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -29,19 +29,21 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None) -> 
     """Load a Hugging Face checkpoint directory (DeepSeek V1/V2/V3, Mixtral) into a `Transformer`.
 
     dtype: the parameters' dtype; None keeps the checkpoint's (that of its embedding; FP8 weights are
-    dequantised to it). The model is returned in eval mode on the CPU.
+    dequantised to it). DeepSeek-V3's MTP modules are loaded when the checkpoint holds them (a
+    transformers export does not). The model is returned in eval mode on the CPU.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such model directory")
     config = ModelConfig.from_hf(directory)
     block = _fp8_block(config)
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = {name: t for name, t in model.state_dict().items()
-                if not (config.tie_word_embeddings and name == "head.weight")}
     with ShardReader(directory) as reader:
-        plan = _plan(config, reader, expected, block)
+        with_mtp = checkpoint_has_mtp(config, set(reader.names()))
+        with torch.device("meta"):
+            model = Transformer(config, with_mtp=with_mtp)
+        expected = {name: t for name, t in model.state_dict().items()
+                    if not (config.tie_word_embeddings and name == "head.weight")}
+        plan = _plan(config, reader, expected, block, with_mtp)
         if dtype is None:
             dtype = _checkpoint_dtype(reader)
         state = {}
@@ -81,6 +83,11 @@ def save_pretrained(model: Transformer, directory: str | Path, max_shard_size: i
             else:  # stacked experts -> one tensor each; clone so shards share no storage
                 for e, name in enumerate(names):
                     yield name, t[e].clone()
+        # The published layout repeats the shared embedding and head inside each MTP layer.
+        for depth in range(len(model.mtp)):
+            for ours, suffix in MTP_SHARED_COPIES.items():
+                t = state["embed.weight" if config.tie_word_embeddings else ours].detach().cpu()
+                yield f"model.layers.{mtp_layer(config, depth)}.{suffix}", (t if dtype is None else t.to(dtype)).clone()
 
     files = write_shards(hub_tensors(), directory, limit)
     for stale in list(directory.glob("model*.safetensors")):
@@ -94,7 +101,7 @@ def save_pretrained(model: Transformer, directory: str | Path, max_shard_size: i
 
 
 def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Tensor],
-          block: tuple[int, int]) -> dict[str, list[str]]:
+          block: tuple[int, int], with_mtp: bool) -> dict[str, list[str]]:
     """Our name -> Hub names, after checking presence, shapes and dtypes of every Hub tensor."""
     present = set(reader.names())
     plan: dict[str, list[str]] = {}
@@ -113,7 +120,7 @@ def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Te
         raise CheckpointError(f"{reader.directory}: missing tensor {', '.join(missing[:3])}{more}")
     wanted = {hf for names in plan.values() for hf in names}
     for hf in sorted(present - wanted):
-        if not is_ignored_hf_name(config, hf):
+        if not is_ignored_hf_name(config, hf, with_mtp):
             raise CheckpointError(f"unexpected tensor {hf!r} in {reader.directory / reader.file_of[hf]} "
                                   f"(not part of a {config.model_type} model with this config.json)")
     return plan

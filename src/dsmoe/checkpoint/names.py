@@ -74,33 +74,62 @@ LAYER_TABLES = {
 }
 
 
+# DeepSeek-V3's MTP module k is stored as layer num_hidden_layers + k; its block uses the layer table.
+MTP = {
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "norm.weight": "shared_head.norm.weight",
+}
+# Copies of the shared embedding and head that the published checkpoint also stores in the MTP layer.
+MTP_SHARED_COPIES = {"embed.weight": "embed_tokens.weight", "head.weight": "shared_head.head.weight"}
+
+
+def mtp_layer(config: ModelConfig, depth: int) -> int:
+    return config.num_hidden_layers + depth
+
+
 def hf_names(config: ModelConfig, ours: str) -> list[str]:
     """Hub tensor names that make up our tensor `ours`: one name, or one per expert for stacked experts."""
     if ours in GLOBAL:
         return [GLOBAL[ours]]
     parts = ours.split(".", 2)
-    if parts[0] != "layers" or len(parts) < 3:
+    if parts[0] not in ("layers", "mtp") or len(parts) < 3:
         raise KeyError(f"no Hugging Face name for parameter {ours!r}")
     table = LAYER_TABLES[config.model_type]
-    if parts[2] not in table:
+    layer, suffix = parts[1], parts[2]
+    if parts[0] == "mtp":
+        layer = str(mtp_layer(config, int(layer)))
+        if suffix in MTP:
+            return [f"model.layers.{layer}.{MTP[suffix]}"]
+        suffix = suffix.removeprefix("block.")
+    if suffix not in table:
         raise KeyError(f"no Hugging Face name for parameter {ours!r} ({config.model_type})")
-    hf = f"model.layers.{parts[1]}.{table[parts[2]]}"
+    hf = f"model.layers.{layer}.{table[suffix]}"
     if "{}" in hf:
         return [hf.format(e) for e in range(config.n_routed_experts)]
     return [hf]
 
 
-def is_ignored_hf_name(config: ModelConfig, name: str) -> bool:
+def is_ignored_hf_name(config: ModelConfig, name: str, with_mtp: bool) -> bool:
     """Tensors a checkpoint may hold that the model does not need.
 
     - rotary `inv_freq` tables (older exports store them; we recompute);
     - FP8 scales, consumed together with their weight;
-    - DeepSeek-V3's multi-token-prediction layer(s), `model.layers.{num_hidden_layers + k}.*`, which the
-      main model does not use (transformers drops them the same way).
+    - the MTP layers' copies of the shared embedding and head;
+    - all of the MTP layers, `model.layers.{num_hidden_layers + k}.*`, when the model is built without
+      them (transformers' DeepseekV3ForCausalLM drops them the same way).
     """
     if name.endswith("rotary_emb.inv_freq") or name.endswith("_scale_inv"):
         return True
     if name.startswith("model.layers."):
-        layer = name.split(".", 3)[2]
-        return layer.isdigit() and int(layer) >= config.num_hidden_layers
+        layer, rest = name.split(".", 3)[2:]
+        if layer.isdigit() and int(layer) >= config.num_hidden_layers:
+            return not with_mtp or rest in MTP_SHARED_COPIES.values()
     return False
+
+
+def checkpoint_has_mtp(config: ModelConfig, names: set[str]) -> bool:
+    """All of the config's MTP depths are present (judged by their eh_proj)."""
+    depth = config.num_nextn_predict_layers
+    return depth > 0 and all(f"model.layers.{mtp_layer(config, k)}.eh_proj.weight" in names for k in range(depth))

@@ -11,19 +11,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cache import KVCache, LatentCache
 from .layers import RMSNorm, apply_rope
 
+Rope = tuple[torch.Tensor, torch.Tensor]
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, H, T, D), k (B, G, T, D), v (B, G, T, V) -> (B, H, T, V), causal.
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              mask: torch.Tensor | None) -> torch.Tensor:
+    """q (B, H, T, D), k (B, G, S, D), v (B, G, S, V) -> (B, H, T, V).
+
+    mask: bool (B, 1, T, S), True = may attend; None = plain causal over T == S.
     SDPA's fast CPU kernel needs q, k and v of one width; MLA's value head (V) is narrower than its
     query/key head (N + R), so V is zero-padded to D and the padding sliced off afterwards.
     """
     v_dim = v.shape[-1]
     if v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])
     return out[..., :v_dim]
 
@@ -43,13 +48,18 @@ class GQAttention(nn.Module):
         self.wv = nn.Linear(dim, kv_heads * head_dim, bias=bias)
         self.wo = nn.Linear(heads * head_dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None, start: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim); with a cache, x holds positions start..start+T and attends to everything cached."""
         B, T, _ = x.shape
         cos, sin = rope
         q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin, interleaved=False)  # (B, T, H, D)
         k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin, interleaved=False)  # (B, T, G, D)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, G, D)
-        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, G, T, D)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, G, S, D)
+        out = attention(q.transpose(1, 2), k, v, self.scale, mask)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -82,6 +92,7 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_rank)
         self.wkv_b = nn.Linear(self.kv_rank, heads * (self.nope_dim + self.v_dim), bias=False)  # [W_UK; W_UV]
         self.wo = nn.Linear(heads * self.v_dim, dim, bias=bias)
+        self.absorb: bool | None = None  # None: absorbed for cached decode steps, naive otherwise
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, dim) -> q_nope (B, T, H, N), q_pe (B, T, H, R) with rope applied."""
@@ -97,16 +108,50 @@ class MLAttention(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleaved).squeeze(2)
         return self.kv_norm(c_kv), k_pe
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Naive form: decompress per-head keys and values from the latent, then ordinary attention."""
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, rope: Rope, cache: LatentCache | None = None, start: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim). With a cache only the latent is stored; decode steps (T == 1) attend in the
+        absorbed form, longer chunks decompress keys and values (fewer FLOPs when many queries share
+        them). `self.absorb` forces one form: True / False; None = that automatic choice."""
         cos, sin = rope
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
-        kv = self.wkv_b(c_kv).view(B, T, -1, self.nope_dim + self.v_dim)  # (B, S, H, N + V)
+        if cache is None:
+            latent = torch.cat((c_kv, k_pe), dim=-1)  # (B, T, C + R)
+        else:
+            latent = cache.update(start, c_kv, k_pe)  # (B, S, C + R)
+        absorb = self.absorb if self.absorb is not None else (cache is not None and x.shape[1] == 1)
+        impl = self._absorbed if absorb else self._naive
+        return self.wo(impl(q_nope, q_pe, latent, mask))
+
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Decompress per-head keys and values from the latent, then ordinary attention -> (B, T, H*V)."""
+        B, T, H, _ = q_nope.shape
+        c_kv, k_pe = latent.split([self.kv_rank, self.rope_dim], dim=-1)
+        S = c_kv.shape[1]
+        kv = self.wkv_b(c_kv).view(B, S, H, self.nope_dim + self.v_dim)  # (B, S, H, N + V)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        heads = k_nope.shape[2]
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, N + R)
-        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, heads, -1)), dim=-1)  # (B, S, H, N + R)
-        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*V) -> (B, T, dim)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)), dim=-1)  # (B, S, H, N + R)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, mask)
+        return out.transpose(1, 2).reshape(B, T, -1)
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """W_UK folded into the query and W_UV applied after attention: attention runs in latent space as
+        multi-query attention with one (C + R)-wide key and C-wide value shared by all heads. Heads are
+        folded into the query length so scores and outputs are one batched matmul each -> (B, T, H*V)."""
+        B, T, H, _ = q_nope.shape
+        S = latent.shape[1]
+        w = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        q = torch.cat((q_lat, q_pe), dim=-1).reshape(B, T * H, -1)  # (B, T*H, C + R)
+        scores = torch.bmm(q, latent.transpose(1, 2)).float() * self.scale  # (B, T*H, S)
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        mask = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+        out = torch.bmm(probs, latent[..., :self.kv_rank]).view(B, T, H, self.kv_rank)  # (B, T, H, C)
+        return torch.einsum("bthc,hvc->bthv", out, w_uv).reshape(B, T, -1)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import GQAttention, MLAttention
+from .attention import GQAttention, MLAttention, Rope
+from .cache import LayerCache, ModelCache
 from .layers import MLP, RMSNorm, RotaryEmbedding
 from .moe import MoE
 
@@ -22,15 +23,43 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.ffn = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: Rope, cache: LayerCache | None = None, start: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, start, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
-class Transformer(nn.Module):
-    """`Transformer(config)(input_ids)` -> logits (B, T, V) in fp32 for training and comparison."""
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3 section 2.2).
 
-    def __init__(self, config: ModelConfig) -> None:
+    h_k = Block(eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h_{k-1})])), and the prediction is head(norm(h_k)).
+    Embedding and output head are the main model's; `norm` is the checkpoint's `shared_head.norm`.
+    h_0 is the main model's final-normed hidden state.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        dim, eps = config.hidden_size, config.rms_norm_eps
+        self.enorm = RMSNorm(dim, eps)
+        self.hnorm = RMSNorm(dim, eps)
+        self.eh_proj = nn.Linear(2 * dim, dim, bias=False)
+        self.block = Block(config, layer)
+        self.norm = RMSNorm(dim, eps)
+
+    def forward(self, h_prev: torch.Tensor, next_emb: torch.Tensor, rope: Rope, cache: LayerCache | None = None,
+                start: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h_prev, next_emb (B, T, D) -> h (B, T, D), un-normed (apply self.norm before the head)."""
+        x = self.eh_proj(torch.cat((self.enorm(next_emb), self.hnorm(h_prev)), dim=-1))
+        return self.block(x, rope, cache, start, mask)
+
+
+class Transformer(nn.Module):
+    """`Transformer(config)(input_ids)` -> logits (B, T, V) in fp32 for training and comparison.
+
+    with_mtp: build the config's `num_nextn_predict_layers` MTP modules (default: yes when it has any).
+    """
+
+    def __init__(self, config: ModelConfig, with_mtp: bool | None = None) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -38,6 +67,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if with_mtp is None:
+            with_mtp = config.num_nextn_predict_layers > 0
+        depth = config.num_nextn_predict_layers if with_mtp else 0
+        self.mtp = nn.ModuleList(MTPModule(config, config.num_hidden_layers + k) for k in range(depth))
         if config.tie_word_embeddings:
             self.head.weight = self.embed.weight
         if not any(p.is_meta for p in self.parameters()):
@@ -59,7 +92,9 @@ class Transformer(nn.Module):
                 m.gate.bias.zero_()
 
     def moe_layers(self) -> list[MoE]:
-        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+        """MoE layers of the main model and then of the MTP modules."""
+        blocks = [*self.layers, *(m.block for m in self.mtp)]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     def set_dispatch(self, mode: str) -> None:
         """"sorted" (default) or "loop" (reference) token dispatch in every MoE layer."""
@@ -83,15 +118,61 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end} positions is longer than "
                              f"max_position_embeddings={self.config.max_position_embeddings}")
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) -> final-normed hidden states (B, T, D)."""
-        self.check_input(input_ids)
+    def make_cache(self, batch: int, capacity: int, extra_layers: int = 0) -> ModelCache:
+        """An empty cache for `batch` rows of up to `capacity` positions, in the model's dtype."""
+        return ModelCache(self.config, batch, capacity, self.embed.weight.dtype, self.embed.weight.device,
+                          extra_layers)
+
+    def mtp_hidden(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: LayerCache | None = None,
+                   start: int = 0) -> torch.Tensor:
+        """Run MTP module `depth` (0-based) on h_prev (B, T, D) and the next tokens (B, T) at slots
+        start..start+T -> h (B, T, D). Logits: self.head(self.mtp[depth].norm(h))."""
+        B, T = next_ids.shape
+        positions, mask = self.positions_and_mask(B, T, start, None, next_ids.device)
+        if cache is None and start != 0:
+            raise ValueError("start > 0 needs a cache holding the earlier positions")
+        return self.mtp[depth](h_prev, self.embed(next_ids), self.rope(positions, h_prev.dtype), cache, start, mask)
+
+    def positions_and_mask(self, batch: int, length: int, start: int = 0, pad: torch.Tensor | None = None,
+                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions of tokens start..start+length and the attention mask over keys 0..start+length.
+
+        pad (B,): left-padding per row (batched prompts of different lengths). A row's real tokens get
+        positions 0, 1, ... as if unpadded, and no query attends to its padding. Padding queries attend to
+        themselves only, so they stay finite and never feed NaN into the cache.
+        Returns positions (T,) or (B, T), and a bool mask (B, 1, T, S) or None for plain causal.
+        """
+        pos = torch.arange(start, start + length, device=device)  # (T,) absolute slots
+        if pad is None and start == 0:
+            return pos, None
+        keys = torch.arange(start + length, device=device)  # (S,)
+        mask = keys[None, :] <= pos[:, None]  # (T, S) causal
+        if pad is None:
+            return pos, mask[None, None]
+        pad = pad.to(device)
+        real_key = keys[None, :] >= pad[:, None]  # (B, S)
+        mask = (mask[None] & real_key[:, None]) | (keys[None, None, :] == pos[None, :, None])  # (B, T, S)
+        return (pos[None, :] - pad[:, None]).clamp(min=0), mask[:, None]
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None, start: int = 0,
+                      pad: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) at positions start..start+T -> final-normed hidden states (B, T, D).
+
+        With a cache, keys and values of these positions are written into it and earlier ones read
+        from it; without one, the call is a plain causal forward over the T tokens (start must be 0).
+        """
+        self.check_input(input_ids, start)
+        if cache is None and start != 0:
+            raise ValueError("start > 0 needs a cache holding the earlier positions")
+        B, T = input_ids.shape
         x = self.embed(input_ids)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions, mask = self.positions_and_mask(B, T, start, pad, input_ids.device)
         rope = self.rope(positions, x.dtype)
-        for block in self.layers:
-            x = block(x, rope)
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, None if cache is None else cache.layers[i], start, mask)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.hidden_states(input_ids)).float()
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, start: int = 0,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) in fp32."""
+        return self.head(self.hidden_states(input_ids, cache, start, pad)).float()

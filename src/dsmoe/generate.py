@@ -1,0 +1,219 @@
+"""Autoregressive generation: one prefill forward, then one cached token per step; sampling; and
+speculative decoding with DeepSeek-V3's MTP module as the drafter.
+
+Prompts of different lengths are left-padded into one batch; the model gives each row's real tokens the
+positions they would have alone and masks the padding (Transformer.positions_and_mask), so a batched
+row decodes the same tokens as that prompt alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .model import Transformer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    drafted: int = 0  # speculative: MTP tokens proposed
+    accepted: int = 0  # speculative: of which the main model agreed
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). Greedy at temperature 0. No host synchronisation."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the tokens before it already cover top_p (the first always stays)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _check_args(max_new_tokens: int, temperature: float, top_k: int | None,
+                top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _batch_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) tensor or lists of different lengths -> left-padded (B, T) ids and pad counts (or None)."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+        return input_ids.long(), None
+    prompts = [list(p) for p in input_ids]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+    pad = torch.tensor([width - len(p) for p in prompts])
+    return ids, (pad if pad.any() else None)
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    return torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
+
+
+@torch.no_grad()
+def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
+           speculative: bool = False, stats: GenerationStats | None = None) -> Iterator[torch.Tensor]:
+    """Yield new tokens as they are decided: (B, n) per step (n = 1, or 2 when a draft is accepted).
+    Rows that have emitted EOS yield their EOS id again as padding; the stream ends when every row has
+    finished or max_new_tokens were produced."""
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    ids, pad = _batch_prompts(input_ids)
+    model.check_input(ids, 0)
+    B, T = ids.shape
+    capacity = T + max_new_tokens + (1 if speculative else 0)
+    if capacity > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings={model.config.max_position_embeddings}")
+    eos = _eos_set(eos_token_id)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens += int(ids.numel() - (0 if pad is None else pad.sum()))
+    began = time.perf_counter()
+    if max_new_tokens == 0:
+        return
+    if speculative:
+        steps = _speculative(model, ids, max_new_tokens, capacity, stats)
+    else:
+        steps = _plain(model, ids, pad, max_new_tokens, capacity, temperature, top_k, top_p, generator)
+    done = torch.zeros(B, dtype=torch.bool)
+    produced = 0
+    for tokens in steps:  # (B, n)
+        tokens = tokens[:, : max_new_tokens - produced]
+        if eos is not None:
+            # a row that finished keeps emitting its EOS as padding; it finishes at its first EOS
+            hit = torch.isin(tokens, eos)
+            after = done[:, None] | (hit.cumsum(dim=1) - hit.long() > 0)
+            tokens = torch.where(after, eos[0], tokens)
+            done |= hit.any(dim=1)
+        produced += tokens.shape[1]
+        stats.new_tokens += tokens.shape[1] * B
+        stats.seconds = time.perf_counter() - began
+        yield tokens
+        if produced >= max_new_tokens or bool(done.all()):
+            return
+
+
+def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_new_tokens: int, capacity: int,
+           temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    B, T = ids.shape
+    cache = model.make_cache(B, capacity)
+    logits = model(ids, cache=cache, pad=pad)[:, -1]  # prefill in one forward
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)
+        yield token[:, None]
+        if step + 1 < max_new_tokens:
+            logits = model(token[:, None], cache=cache, start=T + step, pad=pad)[:, -1]
+
+
+def _speculative(model: Transformer, ids: torch.Tensor, max_new_tokens: int, capacity: int,
+                 stats: GenerationStats) -> Iterator[torch.Tensor]:
+    """Greedy decoding with the first MTP module drafting one token ahead (DeepSeek-V3 section 5.4.3).
+
+    Each step verifies [t, draft] in one forward: the main model's own greedy choice after t is always
+    what is emitted, so the output equals plain greedy decoding; the draft only saves a step when the
+    two agree. MTP slot i holds the MTP block's latent for (h_i, Emb(t_{i+1})).
+    """
+    if not model.mtp:
+        raise ValueError("speculative decoding needs a model with MTP modules (num_nextn_predict_layers > 0 "
+                         "and MTP weights in the checkpoint)")
+    if ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding takes one prompt at a time, got {ids.shape[0]}")
+    T = ids.shape[1]
+    cache = model.make_cache(1, capacity, extra_layers=1)
+    main_cache, mtp_cache = cache, cache.layers[-1]
+
+    def draft(h: torch.Tensor, next_ids: torch.Tensor, start: int) -> torch.Tensor:
+        h_mtp = model.mtp_hidden(0, h, next_ids, mtp_cache, start)
+        return model.head(model.mtp[0].norm(h_mtp[:, -1])).argmax(dim=-1)  # (1,)
+
+    h = model.hidden_states(ids, main_cache)  # (1, T, D)
+    token = model.head(h[:, -1]).argmax(dim=-1)  # (1,)
+    guess = draft(h, torch.cat((ids[:, 1:], token[:, None]), dim=1), 0)
+    pos = T  # slot of `token`
+    while True:
+        yield token[:, None]
+        if pos + 2 > capacity:  # the caller stops before this; never write past the cache
+            return
+        h = model.hidden_states(torch.stack((token, guess), dim=1), main_cache, pos)  # (1, 2, D)
+        best = model.head(h).argmax(dim=-1)  # (1, 2): after token, after guess
+        stats.drafted += 1
+        if bool(best[0, 0] == guess[0]):
+            stats.accepted += 1
+            yield guess[:, None]
+            token = best[:, 1]
+            guess = draft(h, torch.stack((guess, token), dim=1), pos)
+            pos += 2
+        else:
+            token = best[:, 0]
+            guess = draft(h[:, :1], token[:, None], pos)
+            pos += 1
+
+
+def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
+             speculative: bool = False, stats: GenerationStats | None = None) -> torch.Tensor | list[list[int]]:
+    """Prompts followed by their new tokens.
+
+    input_ids: a (B, T) LongTensor -> a (B, T + n) tensor, rows that hit EOS padded with EOS after it;
+    or a list of token lists (lengths may differ) -> a list of lists, each ending at its EOS if it met one.
+    Greedy when temperature is 0; otherwise sampling with optional top-k / top-p, reproducible with seed.
+    speculative: greedy decoding with the MTP module as drafter (same output as plain greedy).
+    """
+    if speculative and temperature != 0:
+        raise ValueError("speculative decoding is greedy only: use temperature=0")
+    new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
+                      speculative, stats))
+    ids, _ = _batch_prompts(input_ids)
+    out = torch.cat([torch.zeros(ids.shape[0], 0, dtype=torch.long), *new], dim=1)
+    if isinstance(input_ids, torch.Tensor):
+        return torch.cat((input_ids.long(), out), dim=1)
+    eos = _eos_set(eos_token_id)
+    result = []
+    for prompt, row in zip(input_ids, out.tolist()):
+        if eos is not None:
+            ends = [i for i, t in enumerate(row) if t in eos.tolist()]
+            row = row[: ends[0] + 1] if ends else row
+        result.append(list(prompt) + row)
+    return result

@@ -299,6 +299,8 @@ class ModelConfig:
                 raw = json.loads(path.read_text())
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: not valid JSON ({err})") from None
+            if not isinstance(raw, dict):
+                raise ValueError(f"{path}: config.json must hold a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"ModelConfig.model_type: must be one of {', '.join(MODEL_TYPES)}; "

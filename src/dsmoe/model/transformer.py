@@ -87,18 +87,18 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
             else:
                 p.zero_()  # biases
-        for m in self.modules():
-            if isinstance(m, MoE) and m.gate.bias is not None:
-                m.gate.bias.zero_()
+        for moe in self.moe_layers(include_mtp=True):
+            if moe.gate.bias is not None:
+                moe.gate.bias.zero_()
 
-    def moe_layers(self) -> list[MoE]:
-        """MoE layers of the main model and then of the MTP modules."""
-        blocks = [*self.layers, *(m.block for m in self.mtp)]
+    def moe_layers(self, include_mtp: bool = False) -> list[MoE]:
+        """MoE layers of the main model (then of the MTP modules, if asked)."""
+        blocks = [*self.layers, *(m.block for m in self.mtp)] if include_mtp else list(self.layers)
         return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
 
     def set_dispatch(self, mode: str) -> None:
         """"sorted" (default) or "loop" (reference) token dispatch in every MoE layer."""
-        for moe in self.moe_layers():
+        for moe in self.moe_layers(include_mtp=True):
             moe.dispatch = mode
 
     def check_input(self, input_ids: torch.Tensor, start_pos: int = 0) -> None:

@@ -136,13 +136,107 @@ def _print_info(name: str, config: ModelConfig, s: ArchStats) -> None:
     Console().print(table)
 
 
+# ---------------------------------------------------------------------------------------------- generate
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream text from a checkpoint directory",
+                       description="Generate text with a Hugging Face-layout checkpoint and its tokenizer.json. "
+                                   "Text streams to stdout; tokens/s goes to stderr at the end.")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (config.json, "
+                   "*.safetensors, tokenizer.json)")
+    p.add_argument("--prompt", required=True, metavar="TEXT")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+                   help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_positive_int, default=None, metavar="K")
+    p.add_argument("--top-p", type=float, default=None, metavar="P")
+    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--speculative", action="store_true",
+                   help="greedy decoding with the MTP module drafting one token ahead (DeepSeek-V3)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="parameter dtype (default: the checkpoint's)")
+    p.set_defaults(run=_run_generate)
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def load_tokenizer(directory: Path):
+    from tokenizers import Tokenizer
+
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise CLIError(f"{path}: no tokenizer.json in the model directory")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises its own exception type for malformed files
+        raise CLIError(f"{path}: not a usable tokenizer ({err})") from None
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .checkpoint import load_pretrained
+    from .generate import GenerationStats, stream
+
+    if args.speculative and args.temperature != 0:
+        raise CLIError("--speculative decodes greedily: leave --temperature at 0")
+    directory = Path(args.model)
+    if not directory.is_dir():
+        raise CLIError(f"{directory}: no such model directory")
+    tokenizer = load_tokenizer(directory)
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    model = load_pretrained(directory, dtype=dtype)
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise CLIError("the prompt encodes to no tokens")
+    eos = model.config.eos_token_id
+    if eos is None:
+        eos = tokenizer.token_to_id("<|endoftext|>")
+    stats = GenerationStats()
+    began = time.perf_counter()
+    new: list[int] = []
+    shown = ""
+    for tokens in stream(model, torch.tensor([ids]), args.max_new_tokens, args.temperature, args.top_k,
+                         args.top_p, eos, args.seed, args.speculative, stats):
+        new += tokens[0].tolist()
+        # Decode everything so far and print the new suffix: byte-level BPE tokens can split a
+        # multi-byte character, which decodes to U+FFFD until its last byte arrives.
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    sys.stdout.write(text[len(shown):] + "\n")
+    elapsed = time.perf_counter() - began
+    line = f"{len(new)} tokens in {elapsed:.2f}s: {stats.tokens_per_s:.1f} tokens/s"
+    if args.speculative:
+        line += f", MTP draft acceptance {100 * stats.acceptance_rate:.0f}% ({stats.accepted}/{stats.drafted})"
+    print(line, file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- entry
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="DeepSeek V1/V2/V3 and Mixtral MoE models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_info(sub)
-    # train / generate / bench: one _add_<name>(sub) each.
+    _add_generate(sub)
+    # train / bench: one _add_<name>(sub) each.
     return parser
 
 

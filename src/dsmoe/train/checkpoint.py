@@ -1,0 +1,107 @@
+"""Crash-safe training checkpoints in a run directory.
+
+    out/
+      step-000200/          a complete checkpoint: config.json, model.safetensors, tokenizer.json,
+                            trainer_state.pt (optimizer, RNG states, data position, step)
+      current -> step-000200
+      config.json -> current/config.json        (likewise model.safetensors, tokenizer.json)
+      metrics.jsonl, *.png
+
+A save writes a new `step-N.tmp/` directory, renames it to `step-N/` once every file is complete, then
+repoints `current` by renaming a fresh symlink over it (atomic on POSIX). A crash at any moment leaves
+`current` on the previous complete checkpoint, and the top-level names always resolve to one consistent
+checkpoint — which is what `transformers.AutoModelForCausalLM.from_pretrained(out)` and
+`dsmoe generate --model out` read.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import save_pretrained
+from ..model import Transformer
+
+CURRENT = "current"
+STATE_FILE = "trainer_state.pt"
+PUBLISHED = ("config.json", "model.safetensors", "tokenizer.json")
+KEEP = 2  # complete checkpoints kept on disk
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(out: Path, model: Transformer, tokenizer_json: str, state: dict[str, Any]) -> Path:
+    """Write checkpoint `state["step"]` and make it current. Returns its directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / f"step-{state['step']:06d}"
+    tmp = out / f"{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # One shard whatever the size: the published top-level names must not depend on the model size.
+    save_pretrained(model, tmp, max_shard_size=2**62)
+    (tmp / "tokenizer.json").write_text(tokenizer_json)
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. after a resume): replace it as a whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _point_current(out, final.name)
+    _prune(out, keep=KEEP)
+    return final
+
+
+def load_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
+    """The current checkpoint's directory and trainer state, or FileNotFoundError."""
+    current = out / CURRENT
+    if not (current / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{out}: no checkpoint to resume from (no {CURRENT}/{STATE_FILE})")
+    directory = current.resolve()
+    return directory, torch.load(directory / STATE_FILE, weights_only=False)
+
+
+def _point_current(out: Path, target: str) -> None:
+    link = out / f".{CURRENT}.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    os.replace(link, out / CURRENT)
+    for name in PUBLISHED:
+        top = out / name
+        if not top.is_symlink():
+            top.unlink(missing_ok=True)
+            top.symlink_to(Path(CURRENT) / name)
+    _fsync_dir(out)
+
+
+def _prune(out: Path, keep: int) -> None:
+    current = (out / CURRENT).resolve().name
+    steps = sorted(p for p in out.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in steps[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in out.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush file contents and the directory entry, so a rename never publishes unwritten data."""
+    for f in path.iterdir() if path.is_dir() else []:
+        if f.is_file() and not f.is_symlink():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,193 @@
+"""The training loop: corpus -> tokenizer -> batches -> steps -> metrics and crash-safe checkpoints.
+
+Library code: it reports through `on_event(dict)` callbacks and never prints; the CLI draws the progress.
+A resumed run reproduces an uninterrupted one exactly: the checkpoint holds the fp32 weights (and the
+routing biases), optimizer state, RNG states and the data position, and everything else is a function
+of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import load_pretrained
+from ..model import Transformer
+from ..presets import get_preset
+from . import balance, checkpoint, data, metrics, tokenizer
+from .objective import BalanceSettings, compute_losses, expert_loads, update_biases
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, unusable resume state); the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny-v3"
+    steps: int = 300
+    seed: int = 0
+    out: Path = Path("runs/tiny-v3")
+    save_every: int = 100
+    resume: bool = False
+    data: Path | None = None  # None: the Python standard library's source
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # fp32 or bf16 (bf16 autocast over fp32 master weights)
+    mtp_weight: float = 0.3  # lambda (V3: 0.3 early in training, 0.1 later)
+    eval_every: int = 50
+    eval_batches: int = 4
+    vocab_size: int | None = None  # None: the preset's
+    balance: dict[str, Any] = field(default_factory=dict)  # BalanceSettings overrides (None = paper default)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for name in ("steps", "save_every", "batch_size", "seq_len", "eval_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda event: None) -> dict[str, Any]:
+    """Run (or resume) training; returns the final metrics record."""
+    torch.manual_seed(cfg.seed)
+    on_event({"event": "status", "message": "reading corpus"})
+    docs = data.load_corpus(cfg.data)
+    train_docs, val_docs = data.split_corpus(docs, seed=cfg.seed)
+    model_config = get_preset(cfg.preset)
+    vocab = cfg.vocab_size or model_config.vocab_size
+    on_event({"event": "status", "message": f"tokenizer ({vocab} tokens)"})
+    tok = tokenizer.train_tokenizer(train_docs, vocab)
+    train_stream = data.encode_corpus(train_docs, tok)
+    val_stream = data.encode_corpus(val_docs, tok)
+    depth = model_config.num_nextn_predict_layers
+    model_config = model_config.replace(
+        vocab_size=tok.get_vocab_size(),
+        max_position_embeddings=max(model_config.max_position_embeddings, cfg.seq_len + depth + 1))
+
+    state: dict[str, Any] = {"step": 0, "position": 0}
+    if cfg.resume:
+        ckpt_dir, state = _resume_state(cfg)
+        model = load_pretrained(ckpt_dir, dtype=torch.float32).train()
+    else:
+        if cfg.out.exists() and (cfg.out / checkpoint.CURRENT).exists():
+            raise TrainingError(f"{cfg.out} already holds a run: pass --resume to continue it or choose another --out")
+        model = Transformer(model_config).train()
+    settings = BalanceSettings.paper_defaults(model.config, **cfg.balance)
+    if "aux_free" in settings.schemes and not any(m.gate.bias is not None for m in model.moe_layers()):
+        raise ValueError("--balance aux_free needs a model whose routers have a correction bias (topk_method noaux_tc)")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    if cfg.resume:
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+    log = metrics.MetricsLog(cfg.out / "metrics.jsonl", truncate_after=state["step"] if cfg.resume else 0)
+    tokenizer_json = tok.to_str()
+    on_event({"event": "start", "step": state["step"], "steps": cfg.steps,
+              "params": sum(p.numel() for p in model.parameters()), "settings": asdict(settings)})
+
+    position, record = state["position"], {}
+    layers = model.moe_layers(include_mtp=True)
+    for step in range(state["step"], cfg.steps):
+        began = time.perf_counter()
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tokens, position = train_stream.windows(position, cfg.batch_size, cfg.seq_len, extra=depth)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+            losses = compute_losses(model, tokens, cfg.seq_len, settings, cfg.mtp_weight)
+        if not torch.isfinite(losses.total):
+            raise TrainingError(f"loss became {float(losses.total)} at step {step + 1}; stopped. "
+                                f"Last good checkpoint: {_describe_current(cfg.out)} (intact).")
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        loads = expert_loads(layers)
+        if "aux_free" in settings.schemes:
+            update_biases(layers, loads, settings.bias_gamma)
+        seconds = time.perf_counter() - began
+        record = {"step": step + 1, **losses.as_floats(), "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds,
+                  **_load_record(loads, len(model.moe_layers()))}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            record["val_loss"] = evaluate(model, val_stream, cfg)
+        log.write(record)
+        on_event({"event": "step", **record})
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            checkpoint.save_checkpoint(cfg.out, model, tokenizer_json, {
+                "step": step + 1, "position": position, "optimizer": optimizer.state_dict(),
+                "rng": checkpoint.rng_state(), "train_config": _jsonable(asdict(cfg))})
+            on_event({"event": "saved", "step": step + 1})
+    metrics.plot_run(cfg.out)
+    on_event({"event": "done", **record})
+    return record
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, stream: data.TokenStream, cfg: TrainConfig) -> float:
+    """Mean next-token loss over the first eval_batches windows of the validation split."""
+    was_training = model.training
+    model.eval()
+    total, position = 0.0, 0
+    for _ in range(cfg.eval_batches):
+        tokens, position = stream.windows(position, cfg.batch_size, cfg.seq_len)
+        logits = model(tokens[:, :cfg.seq_len])
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:cfg.seq_len + 1].flatten()))
+    model.train(was_training)
+    return total / cfg.eval_batches
+
+
+def _load_record(loads: list[torch.Tensor], main_layers: int) -> dict[str, Any]:
+    """Per-layer expert load and MaxVio of the main model's MoE layers (MTP layers excluded)."""
+    per_layer = [balance.load_metrics(load) for load in loads[:main_layers]]
+    return {"expert_load": [load.tolist() for load in loads[:main_layers]],
+            "max_vio": [m["max_vio"] for m in per_layer],
+            "max_vio_mean": sum(m["max_vio"] for m in per_layer) / max(1, len(per_layer)),
+            "dead_experts": sum(int(m["dead"]) for m in per_layer)}
+
+
+def _resume_state(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
+    try:
+        directory, state = checkpoint.load_checkpoint(cfg.out)
+    except FileNotFoundError as err:
+        raise TrainingError(str(err)) from None
+    saved = state.get("train_config", {})
+    for name in ("preset", "batch_size", "seq_len", "seed"):
+        if name in saved and saved[name] != _jsonable(getattr(cfg, name)):
+            raise TrainingError(f"--resume with --{name.replace('_', '-')} {getattr(cfg, name)}, but the run "
+                                f"was started with {saved[name]}")
+    if state["step"] >= cfg.steps:
+        raise TrainingError(f"{cfg.out} is already at step {state['step']} (--steps {cfg.steps}): nothing to do")
+    return directory, state
+
+
+def _describe_current(out: Path) -> str:
+    current = out / checkpoint.CURRENT
+    return str(current.resolve()) if current.exists() else "none was saved yet"
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

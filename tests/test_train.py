@@ -1,0 +1,169 @@
+"""Training: objective, crash-safe checkpoints, exact resume after SIGKILL, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsmoe
+from dsmoe.presets import get_preset
+from dsmoe.train import checkpoint as ckpt
+from dsmoe.train.loop import TrainConfig, TrainingError, train
+from dsmoe.train.metrics import read_metrics
+from dsmoe.train.objective import BalanceSettings, compute_losses
+
+SMALL = dict(batch_size=4, seq_len=32, eval_every=3, eval_batches=1, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small folder corpus: fast tokenizer training, enough text for a few dozen windows."""
+    folder = tmp_path_factory.mktemp("corpus")
+    import inspect
+
+    for module in (json, os, signal, subprocess):
+        (folder / f"{module.__name__}.py").write_text(inspect.getsource(module))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dsmoe", "train", *args]
+    env = dict(os.environ, DSMOE_CACHE=os.environ["DSMOE_CACHE"])
+    if kwargs.pop("background", False):
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _args(corpus: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--data", str(corpus), "--out", str(out), "--steps", str(steps), "--batch-size", "4",
+            "--seq-len", "32", "--eval-every", "3", "--save-every", "4", *extra]
+
+
+def test_mtp_loss_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = dsmoe.Transformer(get_preset("tiny-v3").replace(num_hidden_layers=2))
+    T = 16
+    tokens = torch.randint(0, model.config.vocab_size, (2, T + 2))
+    losses = compute_losses(model, tokens, T, BalanceSettings(), mtp_weight=0.3)
+    # Directly: main hidden states, then MTP on [enorm(Emb(t_{i+1})) ; hnorm(h_i)], predicting t_{i+2}.
+    h = model.hidden_states(tokens[:, :T])
+    mtp = model.mtp[0]
+    x = mtp.eh_proj(torch.cat((mtp.enorm(model.embed(tokens[:, 1:T + 1])), mtp.hnorm(h)), dim=-1))
+    x = mtp.block(x, model.rope(torch.arange(T), x.dtype))
+    expected_mtp = F.cross_entropy(model.head(mtp.norm(x)).flatten(0, 1), tokens[:, 2:T + 2].flatten())
+    expected_lm = F.cross_entropy(model.head(h).flatten(0, 1), tokens[:, 1:T + 1].flatten())
+    torch.testing.assert_close(losses.mtp, expected_mtp)
+    torch.testing.assert_close(losses.lm, expected_lm)
+    torch.testing.assert_close(losses.total, expected_lm + 0.3 * expected_mtp)
+
+
+def test_run_saves_hub_layout_that_transformers_loads(corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    final = train(TrainConfig(preset="tiny-v3", steps=6, save_every=3, data=corpus, out=out, **SMALL))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for key in ("loss", "lm_loss", "mtp_loss", "seq_loss", "lr", "tokens_per_s", "expert_load", "max_vio"):
+        assert key in records[0], key
+    assert any("val_loss" in r for r in records)
+    assert (out / "loss.png").stat().st_size > 0 and (out / "expert_load.png").stat().st_size > 0
+    assert final["step"] == 6 and (out / "current").resolve().name == "step-000006"
+    # The router biases moved (aux-loss-free balancing) and were saved.
+    model = dsmoe.load_pretrained(out, dtype=torch.float32)
+    assert len(model.mtp) == 1
+    assert any(m.gate.bias.abs().sum() > 0 for m in model.moe_layers())
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, model(ids), atol=1e-4, rtol=0)
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_resume_after_sigkill_reproduces_uninterrupted_losses(corpus, tmp_path):
+    steps = 10
+    whole = _cli(*_args(corpus, tmp_path / "whole", steps))
+    assert whole.returncode == 0, whole.stderr
+    expected = [r["lm_loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+
+    out = tmp_path / "killed"
+    proc = _cli(*_args(corpus, out, steps), background=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_metrics(out / "metrics.jsonl")) < 6:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "current").resolve().name == "step-000004"  # saved at 4, killed after step 6
+    resumed = _cli(*_args(corpus, out, steps), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert [r["lm_loss"] for r in records] == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real = ckpt.save_pretrained
+
+    def failing_second_save(model, directory, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (Path(directory) / "model.safetensors").write_bytes(b"half-written")
+            raise OSError("disk full (simulated)")
+        return real(model, directory, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_pretrained", failing_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(TrainConfig(preset="tiny-v1", steps=8, save_every=4, data=corpus, out=out, **SMALL))
+    assert (out / "current").resolve().name == "step-000004"
+    model = dsmoe.load_pretrained(out)  # the published names still resolve to the complete checkpoint
+    _, state = ckpt.load_checkpoint(out)
+    assert state["step"] == 4 and model.config.model_type == "deepseek"
+
+
+def test_non_finite_loss_stops_with_last_checkpoint_intact(corpus, tmp_path):
+    result = _cli(*_args(corpus, tmp_path / "run", 40, "--preset", "tiny-mixtral", "--lr", "1e6"))
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("dsmoe: error: loss became") and "Last good checkpoint" in line
+    assert "Traceback" not in result.stderr
+    current = tmp_path / "run" / "current"
+    if current.exists():  # diverged after a save: that checkpoint still loads
+        dsmoe.load_pretrained(tmp_path / "run")
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.mkdir(), "no .txt, .py, .md files"),
+    (lambda p: None, "no such file or folder"),
+])
+def test_bad_data_is_one_line(tmp_path, make, message):
+    data = tmp_path / "data"
+    make(data)
+    result = _cli("--data", str(data), "--out", str(tmp_path / "run"), "--steps", "2")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("dsmoe: error:"), result.stderr
+    assert message in result.stderr
+
+
+def test_resume_refuses_changed_shape_and_fresh_run_refuses_existing(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(preset="tiny-v1", steps=4, save_every=4, data=corpus, out=out, **SMALL))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(TrainConfig(preset="tiny-v1", steps=8, data=corpus, out=out, **SMALL))
+    with pytest.raises(TrainingError, match="--batch-size"):
+        train(TrainConfig(preset="tiny-v1", steps=8, data=corpus, out=out, resume=True, **(SMALL | {"batch_size": 2})))

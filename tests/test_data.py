@@ -309,3 +309,20 @@ def test_tokenizer_trains_on_deterministic_prefix(tiny_docs):
     texts = tokmod._training_texts(tiny_docs, max_chars=len(tiny_docs[0].text) + 10)
     assert [n for n, _ in texts] == ["doc0.py", "doc1.py"] and len(texts[1][1]) == 10
     assert tokmod.tokenizer_cache_key(tiny_docs, 300, 50) != tokmod.tokenizer_cache_key(tiny_docs, 300, 60)
+
+
+def test_shuffled_windows_cover_an_epoch_and_resume_exactly():
+    stream = TokenStream(torch.arange(1000))
+    seen, pos = [], 0
+    for _ in range(13):  # 52 windows: one epoch of 49 and a bit
+        win, pos = stream.shuffled_windows(pos, 4, 20, extra=1, seed=3)
+        assert win.shape == (4, 22)
+        assert torch.equal(win[:, 1:] - win[:, :-1], torch.ones(4, 21, dtype=torch.long))  # contiguous rows
+        seen += (win[:, 0] // 20).tolist()
+    count = (1000 - 22) // 20 + 1
+    assert sorted(seen[:count]) == list(range(count))  # one epoch visits every window once
+    assert seen[:count] != sorted(seen[:count])  # in a shuffled order
+    # Resuming from a saved position on a fresh stream reads the same batches.
+    again = TokenStream(torch.arange(1000)).shuffled_windows(8, 4, 20, extra=1, seed=3)[0]
+    assert torch.equal(again, stream.shuffled_windows(8, 4, 20, extra=1, seed=3)[0])
+    assert not torch.equal(again, stream.shuffled_windows(8, 4, 20, extra=1, seed=4)[0])

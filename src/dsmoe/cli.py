@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,18 +79,50 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--seq-len", type=_positive_int, default=DEFAULT_CONTEXT, metavar="N",
                    help=f"context length for the attention FLOPs (default {DEFAULT_CONTEXT})")
+    p.add_argument("--ep", type=_positive_int, default=None, metavar="N",
+                   help="also plan N-way expert parallelism: per-rank parameters and memory, all-to-all bytes")
     p.set_defaults(run=_run_info)
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from .parallel import ep_plan
+
     config = load_config(args.model)
     stats = arch_stats(config, context=args.seq_len)
+    plan = ep_plan(config, args.ep) if args.ep else None
     if args.json:
         out = {"model": args.model, **dataclasses.asdict(stats)}
+        if plan is not None:
+            out["ep"] = plan
         print(json.dumps(out, indent=2))
     else:
         _print_info(args.model, config, stats)
+        if plan is not None:
+            _print_ep_plan(plan)
     return 0
+
+
+def _print_ep_plan(plan: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"expert parallel over {plan['ep']} ranks", show_header=False, title_justify="left")
+    table.add_column("figure", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("experts per rank (each MoE layer)", str(plan["experts_per_rank"]))
+    table.add_row("parameters per rank", f"{_count(plan['params_per_rank'])}  "
+                  f"(replicated {format_count(plan['replicated_params'])} + experts "
+                  f"{format_count(plan['expert_params_per_rank'])})")
+    table.add_row("weights per rank (bf16)", format_bytes(plan["weight_bytes_per_rank"]))
+    table.add_row("training state per rank", f"{format_bytes(plan['train_bytes_per_rank'])}  "
+                  "(fp32 weights, grads and two Adam moments)")
+    table.add_row("ranks a token reaches", f"{plan['expected_ranks_per_token']:.2f} expected, "
+                  f"{plan['max_ranks_per_token']} at most")
+    table.add_row("all-to-all / token / MoE layer", f"{format_bytes(plan['alltoall_bytes_per_token_per_layer'])} "
+                  f"expected, {format_bytes(plan['alltoall_bytes_per_token_per_layer_max'])} at most (dispatch + combine)")
+    table.add_row("all-to-all / token, all layers", format_bytes(plan["alltoall_bytes_per_token_total"]))
+    table.caption = plan["routing_mapping"] + "".join(f"\nwarning: {w}" for w in plan["warnings"])
+    Console().print(table)
 
 
 def _count(n: int) -> str:
@@ -155,6 +188,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="greedy decoding with the MTP module drafting one token ahead (DeepSeek-V3)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--ep", type=_positive_int, default=1, metavar="N",
+                   help="shard the routed experts over N processes (launch with torchrun --nproc_per_node N)")
     p.set_defaults(run=_run_generate)
 
 
@@ -188,17 +223,26 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from . import parallel
     from .checkpoint import load_pretrained
     from .generate import GenerationStats, stream
 
     if args.speculative and args.temperature != 0:
         raise CLIError("--speculative decodes greedily: leave --temperature at 0")
+    if args.speculative and args.ep > 1:
+        raise CLIError("--speculative is not supported with --ep")
     directory = Path(args.model)
     if not directory.is_dir():
         raise CLIError(f"{directory}: no such model directory")
     tokenizer = load_tokenizer(directory)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     model = load_pretrained(directory, dtype=dtype)
+    info = parallel.init_distributed(args.ep, model.config.n_routed_experts)
+    sync = None
+    if info.distributed:
+        parallel.shard_experts(model, info)
+        sync = lambda t: parallel.broadcast_from_main(t, info)  # noqa: E731
+    out = sys.stdout if info.is_main else open(os.devnull, "w")
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise CLIError("the prompt encodes to no tokens")
@@ -210,22 +254,24 @@ def _run_generate(args: argparse.Namespace) -> int:
     new: list[int] = []
     shown = ""
     for tokens in stream(model, torch.tensor([ids]), args.max_new_tokens, args.temperature, args.top_k,
-                         args.top_p, eos, args.seed, args.speculative, stats):
+                         args.top_p, eos, args.seed, args.speculative, stats, sync):
         new += tokens[0].tolist()
         # Decode everything so far and print the new suffix: byte-level BPE tokens can split a
         # multi-byte character, which decodes to U+FFFD until its last byte arrives.
         text = tokenizer.decode(new, skip_special_tokens=True)
         if not text.endswith("\ufffd") and text.startswith(shown):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
+            out.write(text[len(shown):])
+            out.flush()
             shown = text
     text = tokenizer.decode(new, skip_special_tokens=True)
-    sys.stdout.write(text[len(shown):] + "\n")
+    out.write(text[len(shown):] + "\n")
     elapsed = time.perf_counter() - began
     line = f"{len(new)} tokens in {elapsed:.2f}s: {stats.tokens_per_s:.1f} tokens/s"
     if args.speculative:
         line += f", MTP draft acceptance {100 * stats.acceptance_rate:.0f}% ({stats.accepted}/{stats.drafted})"
-    print(line, file=sys.stderr)
+    if info.is_main:
+        print(line, file=sys.stderr)
+    parallel.destroy()
     return 0
 
 
@@ -266,6 +312,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="simulated devices for the device / communication losses")
     p.add_argument("--max-devices", type=_positive_int, default=None, metavar="M",
                    help="devices a token may reach (communication loss)")
+    p.add_argument("--ep", type=_positive_int, default=1, metavar="E",
+                   help="expert-parallel ranks; under torchrun with N processes, N = E x data-parallel ranks")
     p.set_defaults(run=_run_train)
 
 
@@ -273,6 +321,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from . import parallel
     from .train.data import DataError
     from .train.loop import TrainConfig, TrainingError, train
 
@@ -283,11 +332,13 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(preset=args.preset, steps=args.steps, seed=args.seed,
                       out=args.out or Path("runs") / args.preset, save_every=args.save_every, resume=args.resume,
                       data=args.data, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                      dtype=args.dtype, eval_every=args.eval_every, mtp_weight=args.mtp_weight, balance=overrides)
+                      dtype=args.dtype, eval_every=args.eval_every, mtp_weight=args.mtp_weight, balance=overrides,
+                      ep=args.ep)
+    info = parallel.init_distributed(args.ep, get_preset(args.preset).n_routed_experts)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-                        disable=not sys.stderr.isatty())  # the live bar only on a terminal
+                        TimeRemainingColumn(), console=Console(stderr=True, quiet=not info.is_main),
+                        transient=True, disable=not (sys.stderr.isatty() and info.is_main))  # live bar: a terminal
     task = progress.add_task("preparing", total=cfg.steps, info="")
 
     def on_event(event: dict) -> None:
@@ -308,9 +359,13 @@ def _run_train(args: argparse.Namespace) -> int:
 
     try:
         with progress:
-            final = train(cfg, on_event)
+            final = train(cfg, on_event, info)
     except (TrainingError, DataError) as err:
         raise CLIError(str(err)) from None
+    finally:
+        parallel.destroy()
+    if not info.is_main:
+        return 0
     print(f"done: step {final['step']}, loss {final['loss']:.3f}, val {final.get('val_loss', float('nan')):.3f}; "
           f"checkpoint, metrics.jsonl and plots in {cfg.out}", file=sys.stderr)
     return 0

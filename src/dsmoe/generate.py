@@ -9,7 +9,7 @@ row decodes the same tokens as that prompt alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +92,15 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> torch.Tensor | None:
 def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
-           speculative: bool = False, stats: GenerationStats | None = None) -> Iterator[torch.Tensor]:
+           speculative: bool = False, stats: GenerationStats | None = None,
+           sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Yield new tokens as they are decided: (B, n) per step (n = 1, or 2 when a draft is accepted).
     Rows that have emitted EOS yield their EOS id again as padding; the stream ends when every row has
-    finished or max_new_tokens were produced."""
+    finished or max_new_tokens were produced.
+
+    sync: applied to each sampled token batch, e.g. a broadcast from rank 0 when experts are sharded, so
+    that every rank feeds the same tokens (and runs the same collectives) at every step.
+    """
     _check_args(max_new_tokens, temperature, top_k, top_p)
     ids, pad = _batch_prompts(input_ids)
     model.check_input(ids, 0)
@@ -112,9 +117,11 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
     if max_new_tokens == 0:
         return
     if speculative:
+        if sync is not None:
+            raise ValueError("speculative decoding is not supported with sharded experts")
         steps = _speculative(model, ids, max_new_tokens, capacity, stats)
     else:
-        steps = _plain(model, ids, pad, max_new_tokens, capacity, temperature, top_k, top_p, generator)
+        steps = _plain(model, ids, pad, max_new_tokens, capacity, temperature, top_k, top_p, generator, sync)
     done = torch.zeros(B, dtype=torch.bool)
     produced = 0
     for tokens in steps:  # (B, n)
@@ -134,13 +141,15 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
 
 
 def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_new_tokens: int, capacity: int,
-           temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+           temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+           sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     B, T = ids.shape
     cache = model.make_cache(B, capacity)
     logits = model(ids, cache=cache, pad=pad)[:, -1]  # prefill in one forward
     for step in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
+        if sync is not None:
+            token = sync(token)
         yield token[:, None]
         if step + 1 < max_new_tokens:
             logits = model(token[:, None], cache=cache, start=T + step, pad=pad)[:, -1]

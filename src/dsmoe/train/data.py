@@ -246,6 +246,29 @@ class TokenStream:
         idx = (start + offsets) % n
         return self.tokens[idx].long(), (start + batch_size * seq_len) % n
 
+    def shuffled_windows(self, position: int, batch_size: int, seq_len: int, extra: int = 0,
+                         seed: int = 0) -> tuple[torch.Tensor, int]:
+        """Training batches: ``(tokens (B, T + 1 + extra), next_position)`` where the rows are windows at
+        seq_len-aligned offsets drawn in a seeded random order, a fresh order each epoch.
+
+        Consecutive windows come from one file; batching them gives correlated, noisy gradients. Here
+        `position` counts windows consumed, so the state is still one integer and a resumed run reads
+        exactly the batches an uninterrupted one would.
+        """
+        width = seq_len + 1 + extra
+        if width > len(self):
+            raise DataError(f"token stream has {len(self)} tokens, fewer than one window of seq_len + 1 + extra = {width}")
+        count = max(1, (len(self) - width) // seq_len + 1)  # windows per epoch
+        rows = []
+        for k in range(position, position + batch_size):
+            epoch, index = divmod(k, count)
+            if epoch != getattr(self, "_order_epoch", None) or seed != getattr(self, "_order_seed", None):
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                self._order, self._order_epoch, self._order_seed = torch.randperm(count, generator=generator), epoch, seed
+            start = int(self._order[index]) * seq_len
+            rows.append(self.tokens[start:start + width])
+        return torch.stack(rows).long(), position + batch_size
+
     def batch(self, position: int, batch_size: int, seq_len: int,
               extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(inputs (B, T), targets (B, T + extra), next_position)``; see the class docstring."""

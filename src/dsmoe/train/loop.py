@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from .. import parallel
 from ..checkpoint import load_pretrained
 from ..model import Transformer
+from ..parallel import ParallelInfo
 from ..presets import get_preset
 from . import balance, checkpoint, data, metrics, tokenizer
 from .objective import BalanceSettings, compute_losses, expert_loads, update_biases
@@ -50,6 +52,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     vocab_size: int | None = None  # None: the preset's
+    ep: int = 1  # expert-parallel ranks (the rest of the world is data parallel)
     balance: dict[str, Any] = field(default_factory=dict)  # BalanceSettings overrides (None = paper default)
 
     def __post_init__(self) -> None:
@@ -71,8 +74,16 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda event: None) -> dict[str, Any]:
-    """Run (or resume) training; returns the final metrics record."""
+def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+          info: ParallelInfo = parallel.groups.SINGLE) -> dict[str, Any]:
+    """Run (or resume) training; returns the final metrics record.
+
+    Under torchrun, `info` places this process in the EP x DP grid: every rank builds the same full
+    model, then its experts are sharded and each rank trains on its slice of every global batch
+    (dsmoe.parallel). Only the main rank logs, reports events and writes checkpoints.
+    """
+    if not info.is_main:
+        on_event = lambda event: None  # noqa: E731 - one reporter per run
     torch.manual_seed(cfg.seed)
     on_event({"event": "status", "message": "reading corpus"})
     docs = data.load_corpus(cfg.data)
@@ -80,7 +91,11 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     model_config = get_preset(cfg.preset)
     vocab = cfg.vocab_size or model_config.vocab_size
     on_event({"event": "status", "message": f"tokenizer ({vocab} tokens)"})
+    if not info.is_main:
+        parallel.barrier(info)  # the main rank trains and caches the tokenizer; the others then read it
     tok = tokenizer.train_tokenizer(train_docs, vocab)
+    if info.is_main:
+        parallel.barrier(info)
     train_stream = data.encode_corpus(train_docs, tok)
     val_stream = data.encode_corpus(val_docs, tok)
     depth = model_config.num_nextn_predict_layers
@@ -96,14 +111,23 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         if cfg.out.exists() and (cfg.out / checkpoint.CURRENT).exists():
             raise TrainingError(f"{cfg.out} already holds a run: pass --resume to continue it or choose another --out")
         model = Transformer(model_config).train()
+    if info.distributed:
+        plan = parallel.shard_experts(model, info)
+        parallel.broadcast_parameters(model, info)
+        for warning in plan.warnings:
+            on_event({"event": "status", "message": warning})
     settings = BalanceSettings.paper_defaults(model.config, **cfg.balance)
     if "aux_free" in settings.schemes and not any(m.gate.bias is not None for m in model.moe_layers()):
         raise ValueError("--balance aux_free needs a model whose routers have a correction bias (topk_method noaux_tc)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if cfg.resume:
-        optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]
+        if info.distributed:
+            saved = parallel.shard_optimizer_state(saved, model, info, optimizer)
+        optimizer.load_state_dict(saved)
         checkpoint.set_rng_state(state["rng"])
-    log = metrics.MetricsLog(cfg.out / "metrics.jsonl", truncate_after=state["step"] if cfg.resume else 0)
+    log = (metrics.MetricsLog(cfg.out / "metrics.jsonl", truncate_after=state["step"] if cfg.resume else 0)
+           if info.is_main else None)
     tokenizer_json = tok.to_str()
     on_event({"event": "start", "step": state["step"], "steps": cfg.steps,
               "params": sum(p.numel() for p in model.parameters()), "settings": asdict(settings)})
@@ -115,49 +139,69 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        tokens, position = train_stream.windows(position, cfg.batch_size, cfg.seq_len, extra=depth)
+        tokens, position = train_stream.shuffled_windows(position, cfg.batch_size, cfg.seq_len, depth, cfg.seed)
+        tokens = parallel.split_batch(tokens, info)  # this rank's rows of the global batch
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             losses = compute_losses(model, tokens, cfg.seq_len, settings, cfg.mtp_weight)
-        if not torch.isfinite(losses.total):
-            raise TrainingError(f"loss became {float(losses.total)} at step {step + 1}; stopped. "
+        values = parallel.mean_over_world(losses.as_floats(), info)  # every rank sees the same numbers
+        if not math.isfinite(values["loss"]):
+            raise TrainingError(f"loss became {values['loss']} at step {step + 1}; stopped. "
                                 f"Last good checkpoint: {_describe_current(cfg.out)} (intact).")
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        parallel.all_reduce_gradients(model, info)
+        grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip, info)
         optimizer.step()
-        loads = expert_loads(layers)
+        loads = parallel.global_expert_loads(expert_loads(layers), info)
         if "aux_free" in settings.schemes:
             update_biases(layers, loads, settings.bias_gamma)
         seconds = time.perf_counter() - began
-        record = {"step": step + 1, **losses.as_floats(), "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": step + 1, **values, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds,
                   **_load_record(loads, len(model.moe_layers()))}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            record["val_loss"] = evaluate(model, val_stream, cfg)
-        log.write(record)
+            record["val_loss"] = evaluate(model, val_stream, cfg, info)
+        if log is not None:
+            log.write(record)
         on_event({"event": "step", **record})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            checkpoint.save_checkpoint(cfg.out, model, tokenizer_json, {
-                "step": step + 1, "position": position, "optimizer": optimizer.state_dict(),
-                "rng": checkpoint.rng_state(), "train_config": _jsonable(asdict(cfg))})
+            _save(cfg, model, optimizer, info, tokenizer_json, step + 1, position)
             on_event({"event": "saved", "step": step + 1})
-    metrics.plot_run(cfg.out)
+    if info.is_main:
+        metrics.plot_run(cfg.out)
     on_event({"event": "done", **record})
     return record
 
 
+def _save(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer, info: ParallelInfo,
+          tokenizer_json: str, step: int, position: int) -> None:
+    """Every rank joins the gathering of expert shards; the main rank writes one full checkpoint, which
+    any number of processes can resume from."""
+    full_model, full_optimizer = model, optimizer.state_dict()
+    if info.distributed:
+        full_model = parallel.unshard_experts(model, info)
+        full_optimizer = parallel.full_optimizer_state(optimizer, model, info)
+    if info.is_main:
+        checkpoint.save_checkpoint(cfg.out, full_model, tokenizer_json, {
+            "step": step, "position": position, "optimizer": full_optimizer,
+            "rng": checkpoint.rng_state(), "train_config": _jsonable(asdict(cfg))})
+    parallel.barrier(info)
+
+
 @torch.no_grad()
-def evaluate(model: Transformer, stream: data.TokenStream, cfg: TrainConfig) -> float:
+def evaluate(model: Transformer, stream: data.TokenStream, cfg: TrainConfig,
+             info: ParallelInfo = parallel.groups.SINGLE) -> float:
     """Mean next-token loss over the first eval_batches windows of the validation split."""
     was_training = model.training
     model.eval()
     total, position = 0.0, 0
     for _ in range(cfg.eval_batches):
         tokens, position = stream.windows(position, cfg.batch_size, cfg.seq_len)
+        tokens = parallel.split_batch(tokens, info)
         logits = model(tokens[:, :cfg.seq_len])
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:cfg.seq_len + 1].flatten()))
     model.train(was_training)
-    return total / cfg.eval_batches
+    return parallel.mean_over_world({"val": total / cfg.eval_batches}, info)["val"]
 
 
 def _load_record(loads: list[torch.Tensor], main_layers: int) -> dict[str, Any]:
@@ -175,7 +219,7 @@ def _resume_state(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     except FileNotFoundError as err:
         raise TrainingError(str(err)) from None
     saved = state.get("train_config", {})
-    for name in ("preset", "batch_size", "seq_len", "seed"):
+    for name in ("preset", "batch_size", "seq_len", "seed"):  # the global batch; --ep may change
         if name in saved and saved[name] != _jsonable(getattr(cfg, name)):
             raise TrainingError(f"--resume with --{name.replace('_', '-')} {getattr(cfg, name)}, but the run "
                                 f"was started with {saved[name]}")

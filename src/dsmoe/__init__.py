@@ -2,8 +2,14 @@
 
 from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig
+from .generate import GenerationStats
+from .generate import generate as _generate
 from .model import Transformer
 from .presets import get_preset
 
-__all__ = ["ModelConfig", "Transformer", "get_preset", "load_pretrained", "save_pretrained"]
+# `dsmoe.generate(...)` is the function; the module stays importable as `from dsmoe.generate import ...`.
+generate = _generate
+
+__all__ = ["GenerationStats", "ModelConfig", "Transformer", "generate", "get_preset", "load_pretrained",
+           "save_pretrained"]
 __version__ = "0.1.0"

@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # the tokenizers package is only needed by encode_corpus's ca
 
 EOT_TOKEN = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".py", ".md")
-STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
+# encodings/: generated codec tables (cp1252.py, ...) that would teach a small model little but hex rows
+STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "encodings"})
 STDLIB_MAX_FILE_BYTES = 200_000  # drops generated blobs (pydoc_data/topics.py, 750 KB) and _pydecimal.py
 
 

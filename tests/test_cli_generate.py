@@ -7,24 +7,18 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tiny_assets import build_tokenizer
+from tokenizers import Tokenizer
 
 import dsmoe
 from dsmoe.generate import generate
 from dsmoe.presets import get_preset
 
-TEXT = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n", "class Point:\n    pass\n"] * 20
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(path / "tokenizer.json"))
+    tok = build_tokenizer(path)
     torch.manual_seed(0)
     config = get_preset("tiny-v3").replace(vocab_size=tok.get_vocab_size(), num_hidden_layers=2,
                                            initializer_range=0.08)

@@ -58,3 +58,26 @@ def test_two_process_expert_parallel_run_equals_one_process(corpus, tmp_path, mo
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in two] == list(range(1, 7))
     assert [r["lm_loss"] for r in two[4:]] == pytest.approx([r["lm_loss"] for r in one[4:]], rel=1e-4)
+
+
+def test_generate_with_sharded_experts_equals_one_process(tmp_path, monkeypatch):
+    import torch
+
+    import dsmoe
+    from dsmoe.presets import get_preset
+
+    from tiny_assets import build_tokenizer
+
+    tok = build_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    config = get_preset("tiny-v3").replace(vocab_size=tok.get_vocab_size(), num_hidden_layers=2, initializer_range=0.08)
+    dsmoe.save_pretrained(dsmoe.Transformer(config), tmp_path)
+    args = ["-m", "dsmoe", "generate", "--model", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "16",
+            "--temperature", "0.9", "--seed", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), *args, "--ep", "2"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()

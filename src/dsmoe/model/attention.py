@@ -92,7 +92,7 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_rank)
         self.wkv_b = nn.Linear(self.kv_rank, heads * (self.nope_dim + self.v_dim), bias=False)  # [W_UK; W_UV]
         self.wo = nn.Linear(heads * self.v_dim, dim, bias=bias)
-        self.absorb: bool | None = None  # None: absorbed for cached decode steps, naive otherwise
+        self.absorb: bool | None = None  # None: whichever form costs fewer FLOPs (_absorb_is_cheaper)
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, dim) -> q_nope (B, T, H, N), q_pe (B, T, H, R) with rope applied."""
@@ -110,9 +110,10 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: LatentCache | None = None, start: int = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, dim). With a cache only the latent is stored; decode steps (T == 1) attend in the
-        absorbed form, longer chunks decompress keys and values (fewer FLOPs when many queries share
-        them). `self.absorb` forces one form: True / False; None = that automatic choice."""
+        """x (B, T, dim). With a cache only the latent is stored; steps with few new tokens over a long
+        cache attend in the absorbed form, prefills decompress keys and values (fewer FLOPs when many
+        queries share them; see _absorb_is_cheaper). `self.absorb` forces one form: True / False;
+        None = that automatic choice."""
         cos, sin = rope
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
@@ -120,9 +121,18 @@ class MLAttention(nn.Module):
             latent = torch.cat((c_kv, k_pe), dim=-1)  # (B, T, C + R)
         else:
             latent = cache.update(start, c_kv, k_pe)  # (B, S, C + R)
-        absorb = self.absorb if self.absorb is not None else (cache is not None and x.shape[1] == 1)
+        absorb = self.absorb if self.absorb is not None else self._absorb_is_cheaper(x.shape[1], latent.shape[1],
+                                                                                       cache is not None)
         impl = self._absorbed if absorb else self._naive
         return self.wo(impl(q_nope, q_pe, latent, mask))
+
+    def _absorb_is_cheaper(self, T: int, S: int, cached: bool) -> bool:
+        """Per head, decompressing S cached latents costs S*C*(N+V) and attends with T*S*(N+R+V); absorbed
+        attention costs T*S*(2C+R) plus T*C*(N+V) to fold the query and output. Absorbed wins when
+        T*S*(2C-N-V) < C*(N+V)*(S-T): every decode step, short multi-token steps (speculative verification)
+        over a long cache, never a prefill into an empty cache (S == T)."""
+        C, N, V = self.kv_rank, self.nope_dim, self.v_dim
+        return cached and T * S * (2 * C - N - V) < C * (N + V) * (S - T)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,102 @@
+"""`dsmoe generate`: stream text from a checkpoint directory."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .common import DTYPES, CLIError, _non_negative_float, _positive_int
+
+# ---------------------------------------------------------------------------------------------- generate
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="stream text from a checkpoint directory",
+                       description="Generate text with a Hugging Face-layout checkpoint and its tokenizer.json. "
+                                   "Text streams to stdout; tokens/s goes to stderr at the end.")
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (config.json, "
+                   "*.safetensors, tokenizer.json)")
+    p.add_argument("--prompt", required=True, metavar="TEXT")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+                   help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_positive_int, default=None, metavar="K")
+    p.add_argument("--top-p", type=float, default=None, metavar="P")
+    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--speculative", action="store_true",
+                   help="greedy decoding with the MTP module drafting one token ahead (DeepSeek-V3)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--ep", type=_positive_int, default=1, metavar="N",
+                   help="shard the routed experts over N processes (launch with torchrun --nproc_per_node N)")
+    p.set_defaults(run=_run_generate)
+
+
+def load_tokenizer(directory: Path):
+    from tokenizers import Tokenizer
+
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise CLIError(f"{path}: no tokenizer.json in the model directory")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises its own exception type for malformed files
+        raise CLIError(f"{path}: not a usable tokenizer ({err})") from None
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .. import parallel
+    from ..checkpoint import load_pretrained
+    from ..generate import GenerationStats, stream
+
+    if args.speculative and args.temperature != 0:
+        raise CLIError("--speculative decodes greedily: leave --temperature at 0")
+    if args.speculative and args.ep > 1:
+        raise CLIError("--speculative is not supported with --ep")
+    directory = Path(args.model)
+    if not directory.is_dir():
+        raise CLIError(f"{directory}: no such model directory")
+    tokenizer = load_tokenizer(directory)
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    model = load_pretrained(directory, dtype=dtype)
+    info = parallel.init_distributed(args.ep, model.config.n_routed_experts)
+    sync = None
+    if info.distributed:
+        parallel.shard_experts(model, info)
+        sync = lambda t: parallel.broadcast_from_main(t, info)  # noqa: E731
+    out = sys.stdout if info.is_main else open(os.devnull, "w")
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise CLIError("the prompt encodes to no tokens")
+    eos = model.config.eos_token_id
+    if eos is None:
+        eos = tokenizer.token_to_id("<|endoftext|>")
+    stats = GenerationStats()
+    began = time.perf_counter()
+    new: list[int] = []
+    shown = ""
+    for tokens in stream(model, torch.tensor([ids]), args.max_new_tokens, args.temperature, args.top_k,
+                         args.top_p, eos, args.seed, args.speculative, stats, sync):
+        new += tokens[0].tolist()
+        # Decode everything so far and print the new suffix: byte-level BPE tokens can split a
+        # multi-byte character, which decodes to U+FFFD until its last byte arrives.
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    out.write(text[len(shown):] + "\n")
+    elapsed = time.perf_counter() - began
+    line = f"{len(new)} tokens in {elapsed:.2f}s: {stats.tokens_per_s:.1f} tokens/s"
+    if args.speculative:
+        line += f", MTP draft acceptance {100 * stats.acceptance_rate:.0f}% ({stats.accepted}/{stats.drafted})"
+    if info.is_main:
+        print(line, file=sys.stderr)
+    parallel.destroy()
+    return 0

@@ -57,23 +57,12 @@ MODEL = dict(
 IMPLS = ("dsmoe absorbed", "dsmoe naive", "transformers")
 
 
-def build_checkpoint(directory: Path, seed: int = 0):
-    """A random transformers DeepseekV3ForCausalLM, saved to `directory`. Norm weights and router biases
-    are randomised (as in tests/hf_models.py) so that routing is not degenerate."""
-    import transformers
+def build_checkpoint(directory: Path, seed: int = 0) -> None:
+    """A random transformers DeepseekV3ForCausalLM of shape MODEL, saved to `directory` (dsmoe.bench's
+    builder: norm weights and router biases randomised so that routing is not degenerate)."""
+    from dsmoe.bench import build_checkpoint as build
 
-    torch.manual_seed(seed)
-    config = transformers.DeepseekV3Config(**MODEL)
-    config.num_nextn_predict_layers = 0
-    model = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.uniform_(-0.1, 0.1)
-    model.save_pretrained(directory)
+    build(directory, MODEL, seed)
 
 
 def load_transformers(directory: Path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dsmoe.bench import spread_norms_and_router_biases
+
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
         "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
 
@@ -42,12 +44,4 @@ def build_hf_model(case: str, seed: int = 0):
     config = getattr(transformers, f"{family}Config")(**kwargs)
     if family == "DeepseekV3":
         config.num_nextn_predict_layers = 0
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.uniform_(-0.1, 0.1)
-    return model
+    return spread_norms_and_router_biases(getattr(transformers, f"{family}ForCausalLM")(config).eval())

@@ -146,9 +146,23 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, meter: PeakR
 
 # ---------------------------------------------------------------------------------------------- models
 
+@torch.no_grad()
+def spread_norms_and_router_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """Norm weights uniform in [0.5, 1.5] and router correction biases in [-0.1, 0.1] instead of the
+    ones / zeros a fresh model starts with, so that every tensor matters to the output and a comparison
+    of two implementations on these weights can fail. Works on transformers and dsmoe models alike."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.uniform_(0.5, 1.5)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.uniform_(-0.1, 0.1)
+    return model
+
+
 def build_checkpoint(directory: Path, model_kwargs: dict, seed: int = 0):
     """A random transformers DeepseekV3ForCausalLM saved to `directory`; returned in eval mode (fp32).
-    Norm weights and router biases are randomised (as in tests/hf_models.py) so routing is not degenerate."""
+    Norm weights and router biases are spread (spread_norms_and_router_biases) so routing is not degenerate."""
     try:
         import transformers
     except ImportError as err:
@@ -156,14 +170,7 @@ def build_checkpoint(directory: Path, model_kwargs: dict, seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.DeepseekV3Config(**model_kwargs)
     config.num_nextn_predict_layers = 0
-    model = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.uniform_(-0.1, 0.1)
+    model = spread_norms_and_router_biases(transformers.DeepseekV3ForCausalLM(config).eval())
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bar would go to stderr
     try:

@@ -215,15 +215,12 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
         raise ValueError("speculative decoding is greedy only: use temperature=0")
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
                       speculative, stats))
-    ids, _ = _batch_prompts(input_ids)
-    out = torch.cat([torch.zeros(ids.shape[0], 0, dtype=torch.long), *new], dim=1)
+    out = torch.cat([torch.zeros(len(input_ids), 0, dtype=torch.long), *new], dim=1)
     if isinstance(input_ids, torch.Tensor):
         return torch.cat((input_ids.long(), out), dim=1)
-    eos = _eos_set(eos_token_id)
+    eos = set() if eos_token_id is None else set(_eos_set(eos_token_id).tolist())
     result = []
     for prompt, row in zip(input_ids, out.tolist()):
-        if eos is not None:
-            ends = [i for i, t in enumerate(row) if t in eos.tolist()]
-            row = row[: ends[0] + 1] if ends else row
-        result.append(list(prompt) + row)
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))  # through the first EOS
+        result.append(list(prompt) + row[:end])
     return result

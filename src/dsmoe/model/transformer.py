@@ -127,11 +127,8 @@ class Transformer(nn.Module):
                    start: int = 0) -> torch.Tensor:
         """Run MTP module `depth` (0-based) on h_prev (B, T, D) and the next tokens (B, T) at slots
         start..start+T -> h (B, T, D). Logits: self.head(self.mtp[depth].norm(h))."""
-        B, T = next_ids.shape
-        positions, mask = self.positions_and_mask(B, T, start, None, next_ids.device)
-        if cache is None and start != 0:
-            raise ValueError("start > 0 needs a cache holding the earlier positions")
-        return self.mtp[depth](h_prev, self.embed(next_ids), self.rope(positions, h_prev.dtype), cache, start, mask)
+        rope, mask = self._rope_and_mask(next_ids, start, None, cache is not None, h_prev.dtype)
+        return self.mtp[depth](h_prev, self.embed(next_ids), rope, cache, start, mask)
 
     def positions_and_mask(self, batch: int, length: int, start: int = 0, pad: torch.Tensor | None = None,
                            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -154,6 +151,14 @@ class Transformer(nn.Module):
         mask = (mask[None] & real_key[:, None]) | (keys[None, None, :] == pos[None, :, None])  # (B, T, S)
         return (pos[None, :] - pad[:, None]).clamp(min=0), mask[:, None]
 
+    def _rope_and_mask(self, ids: torch.Tensor, start: int, pad: torch.Tensor | None, cached: bool,
+                       dtype: torch.dtype) -> tuple[Rope, torch.Tensor | None]:
+        """cos/sin and the attention mask for tokens ids (B, T) at slots start..start+T."""
+        if not cached and start != 0:
+            raise ValueError("start > 0 needs a cache holding the earlier positions")
+        positions, mask = self.positions_and_mask(ids.shape[0], ids.shape[1], start, pad, ids.device)
+        return self.rope(positions, dtype), mask
+
     def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None, start: int = 0,
                       pad: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) at positions start..start+T -> final-normed hidden states (B, T, D).
@@ -162,12 +167,8 @@ class Transformer(nn.Module):
         from it; without one, the call is a plain causal forward over the T tokens (start must be 0).
         """
         self.check_input(input_ids, start)
-        if cache is None and start != 0:
-            raise ValueError("start > 0 needs a cache holding the earlier positions")
-        B, T = input_ids.shape
         x = self.embed(input_ids)
-        positions, mask = self.positions_and_mask(B, T, start, pad, input_ids.device)
-        rope = self.rope(positions, x.dtype)
+        rope, mask = self._rope_and_mask(input_ids, start, pad, cache is not None, x.dtype)
         for i, block in enumerate(self.layers):
             x = block(x, rope, None if cache is None else cache.layers[i], start, mask)
         return self.norm(x)

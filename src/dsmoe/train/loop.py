@@ -84,6 +84,12 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     """
     if not info.is_main:
         on_event = lambda event: None  # noqa: E731 - one reporter per run
+    # Settle the run directory first: a refused resume or an occupied --out fails before any corpus work.
+    state: dict[str, Any] = {"step": 0, "position": 0}
+    if cfg.resume:
+        ckpt_dir, state = _resume_state(cfg)
+    elif (cfg.out / checkpoint.CURRENT).exists():
+        raise TrainingError(f"{cfg.out} already holds a run: pass --resume to continue it or choose another --out")
     torch.manual_seed(cfg.seed)
     on_event({"event": "status", "message": "reading corpus"})
     docs = data.load_corpus(cfg.data)
@@ -103,13 +109,9 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         vocab_size=tok.get_vocab_size(),
         max_position_embeddings=max(model_config.max_position_embeddings, cfg.seq_len + depth + 1))
 
-    state: dict[str, Any] = {"step": 0, "position": 0}
     if cfg.resume:
-        ckpt_dir, state = _resume_state(cfg)
         model = load_pretrained(ckpt_dir, dtype=torch.float32).train()
     else:
-        if cfg.out.exists() and (cfg.out / checkpoint.CURRENT).exists():
-            raise TrainingError(f"{cfg.out} already holds a run: pass --resume to continue it or choose another --out")
         model = Transformer(model_config).train()
     if info.distributed:
         plan = parallel.shard_experts(model, info)

@@ -39,6 +39,22 @@ def test_cached_decode_equals_full_forward_at_every_step(preset):
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("preset", TINY)
+@pytest.mark.parametrize("absorb", [False, True])
+@torch.no_grad()
+def test_multi_token_chunks_after_a_cache_equal_full_forward(preset, absorb):
+    """Chunks of several tokens over a non-empty cache (chunked prefill, speculative verification): the
+    causal mask then sits at the last T of S key slots, which SDPA's own is_causal does not do."""
+    model = _model(preset)
+    for block in model.layers:
+        if hasattr(block.attn, "absorb"):
+            block.attn.absorb = absorb
+    ids = _ids(model.config.vocab_size)
+    cache = model.make_cache(2, 32)
+    chunks = [model(ids[:, a:b], cache=cache, start=a) for a, b in ((0, 4), (4, 9), (9, 10), (10, 14))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), model(ids), atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("preset,q_lora", [("tiny-v2", 64), ("tiny-v2", None), ("tiny-v3", 64)])
 @torch.no_grad()
 def test_absorbed_mla_equals_naive(preset, q_lora):

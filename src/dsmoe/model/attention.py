@@ -21,16 +21,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               mask: torch.Tensor | None) -> torch.Tensor:
     """q (B, H, T, D), k (B, G, S, D), v (B, G, S, V) -> (B, H, T, V).
 
-    mask: bool (B, 1, T, S), True = may attend; None = plain causal over T == S.
+    mask: bool (B, 1, T, S), True = may attend; None = causal with the T queries at the last T of the S
+    key slots (see causal_mask).
     SDPA's fast CPU kernel needs q, k and v of one width; MLA's value head (V) is narrower than its
     query/key head (N + R), so V is zero-padded to D and the padding sliced off afterwards.
     """
     v_dim = v.shape[-1]
     if v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+    T, S = q.shape[2], k.shape[2]
+    # SDPA's is_causal aligns the query block with the first keys, right only when T == S.
+    is_causal = mask is None and T == S
+    if mask is None and not is_causal:
+        mask = causal_mask(T, S, q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])
     return out[..., :v_dim]
+
+
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
+    """(T, S) bool mask, True = may attend, for T queries at key slots S-T..S-1 (new tokens after S-T
+    cached ones); None when every query may see every key (a single decode step)."""
+    if T == 1:
+        return None
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
 class GQAttention(nn.Module):
@@ -153,15 +167,20 @@ class MLAttention(nn.Module):
         multi-query attention with one (C + R)-wide key and C-wide value shared by all heads. Heads are
         folded into the query length so scores and outputs are one batched matmul each -> (B, T, H*V)."""
         B, T, H, _ = q_nope.shape
-        S = latent.shape[1]
-        w = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, self.kv_rank)
+        S, C = latent.shape[1], self.kv_rank
+        w = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, C)
         w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # (B, T, H, C)
-        q = torch.cat((q_lat, q_pe), dim=-1).reshape(B, T * H, -1)  # (B, T*H, C + R)
+        # Per head, (B*T, N) @ (N, C): one bmm over heads (einsum re-plans the same contraction per call).
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # (H, B*T, C)
+        q = torch.cat((q_lat.transpose(0, 1).view(B, T, H, C), q_pe), dim=-1)  # (B, T, H, C + R)
+        q = q.view(B, T * H, -1)  # (B, T*H, C + R)
         scores = torch.bmm(q, latent.transpose(1, 2)).float() * self.scale  # (B, T*H, S)
         if mask is None:
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        mask = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
-        out = torch.bmm(probs, latent[..., :self.kv_rank]).view(B, T, H, self.kv_rank)  # (B, T, H, C)
-        return torch.einsum("bthc,hvc->bthv", out, w_uv).reshape(B, T, -1)
+            mask = causal_mask(T, S, q.device)
+        if mask is not None:
+            mask = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        out = torch.bmm(probs, latent[..., :C]).view(B * T, H, C)  # (B*T, H, C)
+        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, V)
+        return out.transpose(0, 1).reshape(B, T, -1)

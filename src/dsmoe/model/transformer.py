@@ -137,15 +137,14 @@ class Transformer(nn.Module):
         pad (B,): left-padding per row (batched prompts of different lengths). A row's real tokens get
         positions 0, 1, ... as if unpadded, and no query attends to its padding. Padding queries attend to
         themselves only, so they stay finite and never feed NaN into the cache.
-        Returns positions (T,) or (B, T), and a bool mask (B, 1, T, S) or None for plain causal.
+        Returns positions (T,) or (B, T), and a bool mask (B, 1, T, S), or None without padding: plain
+        causal, which the attention layers apply without materialising a mask (and skip at decode steps).
         """
         pos = torch.arange(start, start + length, device=device)  # (T,) absolute slots
-        if pad is None and start == 0:
+        if pad is None:
             return pos, None
         keys = torch.arange(start + length, device=device)  # (S,)
         mask = keys[None, :] <= pos[:, None]  # (T, S) causal
-        if pad is None:
-            return pos, mask[None, None]
         pad = pad.to(device)
         real_key = keys[None, :] >= pad[:, None]  # (B, S)
         mask = (mask[None] & real_key[:, None]) | (keys[None, None, :] == pos[None, :, None])  # (B, T, S)

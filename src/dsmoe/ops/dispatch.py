@@ -43,12 +43,18 @@ def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
     counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
     token = order // K  # token of each sorted pair
     xs = x.index_select(0, token)  # (T*K, D), contiguous per expert
-    # unbind, not w1[e]: the backward of each w1[e] is a zero tensor the size of all experts plus an add,
-    # per expert (quadratic in E); unbind's backward stacks the per-expert gradients once.
-    w1s, w2s, w3s = w1.unbind(0), w2.unbind(0), w3.unbind(0)
-    outs = [_swiglu(chunk, w1s[e], w2s[e], w3s[e])
-            for e, chunk in enumerate(xs.split(counts)) if chunk.shape[0]]
-    ys = torch.cat(outs) if outs else xs.new_zeros(0, x.shape[1])
+    if torch.is_grad_enabled() and (w1.requires_grad or w2.requires_grad or w3.requires_grad):
+        # unbind, not w1[e]: the backward of each w1[e] is a zero tensor the size of all experts plus an
+        # add, per expert (quadratic in E); unbind's backward stacks the per-expert gradients once.
+        w1, w2, w3 = w1.unbind(0), w2.unbind(0), w3.unbind(0)
+    # Without autograd, w1[e] is a free view, made only for the experts that got tokens (a decode step
+    # uses K of them: unbinding all E would cost more than their matmuls).
+    outs, lo = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(_swiglu(xs[lo:lo + n], w1[e], w2[e], w3[e]))
+            lo += n
+    ys = torch.cat(outs) if len(outs) > 1 else outs[0] if outs else xs.new_zeros(0, x.shape[1])
     ys = ys.float() * weights.reshape(-1).index_select(0, order).unsqueeze(1)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return out.index_add_(0, token, ys).to(x.dtype)

@@ -36,28 +36,43 @@ def expert_loop(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
 def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                     w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """Sort the T*K (token, slot) pairs by expert once, run each non-empty expert on one contiguous
-    slice, and scatter-add the weighted results back. No per-expert masks, no per-token weight gathers."""
+    slice, and scatter-add the weighted results back. No per-expert masks, no per-token weight gathers.
+
+    The gate weight scales the expert's I-wide hidden activation rather than its D-wide output (the same
+    product, w2 being linear; I < D for fine-grained experts), and without autograd every expert writes
+    its rows of the output in place instead of being concatenated afterwards."""
     T, K = indices.shape
+    D = x.shape[1]
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)  # (T*K,) pair ids grouped by expert
     counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
     token = order // K  # token of each sorted pair
     xs = x.index_select(0, token)  # (T*K, D), contiguous per expert
-    if torch.is_grad_enabled() and (w1.requires_grad or w2.requires_grad or w3.requires_grad):
+    gates = weights.reshape(-1).index_select(0, order).unsqueeze(1).to(x.dtype)  # (T*K, 1)
+    autograd = torch.is_grad_enabled() and any(w.requires_grad for w in (x, weights, w1, w2, w3))
+    if autograd:
         # unbind, not w1[e]: the backward of each w1[e] is a zero tensor the size of all experts plus an
         # add, per expert (quadratic in E); unbind's backward stacks the per-expert gradients once.
         w1, w2, w3 = w1.unbind(0), w2.unbind(0), w3.unbind(0)
-    # Without autograd, w1[e] is a free view, made only for the experts that got tokens (a decode step
-    # uses K of them: unbinding all E would cost more than their matmuls).
-    outs, lo = [], 0
+        outs = []
+    else:
+        # w1[e] is a free view, taken only for experts with tokens (a decode step uses K of E).
+        ys = xs.new_empty(T * K, D)
+    lo = 0
     for e, n in enumerate(counts):
-        if n:
-            outs.append(_swiglu(xs[lo:lo + n], w1[e], w2[e], w3[e]))
-            lo += n
-    ys = torch.cat(outs) if len(outs) > 1 else outs[0] if outs else xs.new_zeros(0, x.shape[1])
-    ys = ys.float() * weights.reshape(-1).index_select(0, order).unsqueeze(1)
+        if not n:
+            continue
+        rows = slice(lo, lo + n)
+        h = F.silu(F.linear(xs[rows], w1[e])) * F.linear(xs[rows], w3[e]) * gates[rows]  # (n, I)
+        if autograd:
+            outs.append(F.linear(h, w2[e]))
+        else:
+            torch.mm(h, w2[e].t(), out=ys[rows])
+        lo += n
+    if autograd:
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, D)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    return out.index_add_(0, token, ys).to(x.dtype)
+    return out.index_add_(0, token, ys.float()).to(x.dtype)
 
 
 DISPATCH = {"loop": expert_loop, "sorted": sorted_dispatch}

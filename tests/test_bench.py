@@ -20,6 +20,7 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediat
 def tiny(**overrides) -> BenchConfig:
     return BenchConfig(**{"dtypes": ("fp32",), "batch_size": 2, "seq_len": 16, "decode_shapes": ((1, 8), (2, 12)),
                           "new_tokens": 3, "repeats": 1, "matmul_size": 64, "matmul_repeats": 1, "model": TINY,
+                          "bandwidth_megabytes": 4,
                           **overrides})
 
 
@@ -45,6 +46,31 @@ def test_bench_structure_and_parity():
     assert parity["forward_argmax_agree_fraction"] >= 31 / 32
     assert parity["decode_1x8_tokens_equal"] and parity["decode_2x12_tokens_equal"]
     assert {t["target"].split()[0] for t in result["targets"]} == {"forward", "train", "decode"}
+    # ceilings: transformers' time against FLOPs at the matmul peak / bytes at the memory bandwidth
+    peak, flops = result["matmul_peak_flops"]["fp32"], result["model"]["forward_flops"]
+    rows = {r["measurement"] + r["shape"]: r for r in result["rows"]}
+    assert rows["forward2x16"]["ceiling"] == pytest.approx(rows["forward2x16"]["transformers"]["seconds"] * peak / flops)
+    assert rows["train2x16"]["ceiling"] == pytest.approx(rows["train2x16"]["transformers"]["seconds"] * peak / flops / 3)
+    assert result["memory_bandwidth_bytes_per_s"] > 0
+    for t in result["targets"]:
+        if "ceiling" in t:
+            assert t["reachable"] == (t["ceiling"] >= float(t["target"].split(">= ")[1].rstrip("x transformers")))
+
+
+def test_decode_step_bytes_is_activated_weights_plus_cache():
+    """Closed form for the tiny V3 shape: every matmul weight one token uses (2 layers: one dense, one MoE
+    with 3 of 8 experts plus a shared one; MLA projections; router; output head), and the latent cache."""
+    from dsmoe.bench import decode_step_bytes
+    from dsmoe.calc import arch_stats
+    from dsmoe.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(dict(TINY, model_type="deepseek_v3"))
+    D, V, I_dense, I_moe, C, R, H, N, Vh, Q = 64, 96, 96, 32, 16, 8, 4, 16, 12, 24
+    attention = D * Q + Q * H * (N + R) + D * (C + R) + C * H * (N + Vh) + H * Vh * D
+    ffn_dense, ffn_moe = 3 * D * I_dense, (3 + 1) * 3 * D * I_moe + 8 * D
+    weights = 2 * attention + ffn_dense + ffn_moe + D * V
+    cache = 2 * (C + R) * 5 * 7  # layers x (C + R) x batch x context
+    assert decode_step_bytes(arch_stats(cfg), batch=5, context=7, element_size=4) == 4 * (weights + cache)
 
 
 def test_cli_bench_json(monkeypatch, capsys):

@@ -13,6 +13,11 @@ call of the same implementation, median over repeats:
               (VmHWM) is reset through /proc/self/clear_refs before the call (Linux); None where that fails
 * transformers runs with its fastest experts implementation ("grouped_mm" or "eager"), chosen per
               measurement by timing one forward (used for decode too) and one training step with each
+* ceiling     the best dsmoe / transformers ratio any implementation could reach on this machine, given
+              transformers' measured time: for forward and train, its FLOPs all at the measured matmul peak
+              (a training step is counted as 3x the forward's FLOPs); for decode, the bytes a step must read
+              at least (the weights one token activates plus the attention cache) at the measured memory
+              bandwidth (a large matrix-vector product). A target above its ceiling cannot be met here.
 * FLOP/s      dsmoe's forward FLOPs / time as a fraction of a square matmul measured in the same process.
               FLOPs = tokens x (matmul_flops_per_token + attention_flops_per_token(context=seq_len) / 2):
               `dsmoe.calc.arch_stats`, where the attention term is for a query that sees `seq_len` keys, so a
@@ -69,6 +74,7 @@ class BenchConfig:
     repeats: int = 3
     matmul_size: int = 2048
     matmul_repeats: int = 5
+    bandwidth_megabytes: int = 256  # matrix streamed to measure memory bandwidth: far above the caches
     model: dict = field(default_factory=lambda: dict(MODEL))
     experts_implementations: tuple[str, ...] = ("grouped_mm", "eager")  # transformers candidates
     seed: int = 0
@@ -121,6 +127,28 @@ def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> float:
         torch.mm(a, b)
         times.append(time.perf_counter() - began)
     return 2 * size**3 / statistics.median(times)
+
+
+def memory_bandwidth(repeats: int, megabytes: int = 256) -> float:
+    """Bytes/s streamed from memory by an fp32 matrix-vector product over `megabytes` of matrix (far larger
+    than any cache): the median of `repeats` after one warm-up. What a decode step is bound by."""
+    rows = megabytes * 2**20 // (4 * 4096)
+    matrix, vector = torch.randn(rows, 4096), torch.randn(4096)
+    torch.mv(matrix, vector)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        torch.mv(matrix, vector)
+        times.append(time.perf_counter() - began)
+    return matrix.numel() * 4 / statistics.median(times)
+
+
+def decode_step_bytes(stats, batch: int, context: int, element_size: int) -> int:
+    """A lower bound on the bytes one greedy decode step reads: the matmul weights a single token activates
+    (a batch reads at least those) and every layer's attention cache for `batch` rows of `context` tokens."""
+    weights = stats.matmul_flops_per_token // 2
+    cache = stats.kv_cache_per_token * batch * context
+    return (weights + cache) * element_size
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, meter: PeakRSS,
@@ -288,6 +316,8 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
         "peak_rss_measured": meter.works,
         "matmul_peak_flops": {}, "experts_implementation": {}, "rows": [], "parity": {},
     }
+    progress("memory bandwidth", done, total)
+    bandwidth = result["memory_bandwidth_bytes_per_s"] = memory_bandwidth(cfg.matmul_repeats, cfg.bandwidth_megabytes)
     for dname in cfg.dtypes:
         ours, hf = models[dname]
         dtype = DTYPES[dname]
@@ -315,6 +345,8 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
         row["dsmoe_flops_per_s"] = fwd_flops / m["dsmoe"]["seconds"]
         row["transformers_flops_per_s"] = fwd_flops / m["transformers"]["seconds"]
         row["dsmoe_peak_fraction"] = row["dsmoe_flops_per_s"] / result["matmul_peak_flops"][dname]
+        row["transformers_peak_fraction"] = row["transformers_flops_per_s"] / result["matmul_peak_flops"][dname]
+        row["ceiling"] = 1 / row["transformers_peak_fraction"]
         result["rows"].append(row)
 
         what = f"{dname}: train step {B}x{T}"
@@ -322,7 +354,9 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
         progress(what + " (choosing the transformers experts implementation)", done, total)
         experts["train"] = _pick_experts_impl(hf, fns["transformers"], cfg.experts_implementations)
         m = interleaved(fns, cfg.repeats, meter, tick(what))
-        result["rows"].append(_row("train", dname, B, B * T, f"{B}x{T}", m))
+        row = _row("train", dname, B, B * T, f"{B}x{T}", m)
+        row["ceiling"] = m["transformers"]["seconds"] * result["matmul_peak_flops"][dname] / (3 * fwd_flops)
+        result["rows"].append(row)
         if experts["forward"]["chosen"] is not None:
             hf.set_experts_implementation(experts["forward"]["chosen"])  # decode: the forward's choice
         experts["decode"] = experts["forward"]
@@ -334,8 +368,10 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
             prompt = torch.randint(0, cfg.model["vocab_size"], (batch, context), generator=gen)
             dec = _Decoder(ours, hf, prompt, cfg.new_tokens)
             m = interleaved({"dsmoe": dec.dsmoe, "transformers": dec.transformers}, cfg.repeats, meter, tick(what))
-            result["rows"].append(_row("decode", dname, batch, batch * cfg.new_tokens,
-                                       f"{batch}x{context}+{cfg.new_tokens}", m))
+            row = _row("decode", dname, batch, batch * cfg.new_tokens, f"{batch}x{context}+{cfg.new_tokens}", m)
+            least = cfg.new_tokens * decode_step_bytes(stats, batch, context, dtype.itemsize)
+            row["ceiling"] = m["transformers"]["seconds"] * bandwidth / least
+            result["rows"].append(row)
             same = (dec.tokens["dsmoe"] == dec.tokens["transformers"]) & (dec.first == dec.hf_first)[:, None]
             parity[f"decode_{batch}x{context}_tokens_equal"] = bool(same.all())
             parity[f"decode_{batch}x{context}_tokens_equal_fraction"] = same.float().mean().item()
@@ -379,9 +415,12 @@ def targets(result: dict) -> list[dict]:
     for kind in ("forward", "train", "decode"):
         for dname in result["config"]["dtypes"]:
             ratios = [r["ratio"] for r in result["rows"] if r["measurement"] == kind and r["dtype"] == dname]
+            ceilings = [r["ceiling"] for r in result["rows"] if r["measurement"] == kind and r["dtype"] == dname]
             if ratios:
+                # A target holds for every shape, so it is reachable only if the lowest ceiling allows it.
                 out.append({"target": f"{kind} >= {TARGETS[kind]:g}x transformers", "dtype": dname,
-                            "value": min(ratios), "met": min(ratios) >= TARGETS[kind]})
+                            "value": min(ratios), "met": min(ratios) >= TARGETS[kind],
+                            "ceiling": min(ceilings), "reachable": min(ceilings) >= TARGETS[kind]})
     for r in result["rows"]:
         if r["measurement"] == "forward" and r["dtype"] == "fp32":
             frac = r["dsmoe_peak_fraction"]

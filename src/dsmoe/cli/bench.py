@@ -65,14 +65,14 @@ def _print_bench(result: dict) -> None:
     table = Table(title=f"dsmoe vs transformers: DeepSeek-V3 shape, {format_count(m['total_params'])} params "
                         f"({format_count(m['activated_params'])} activated), torch {mach['torch']}, "
                         f"{mach['threads']} threads", title_justify="left")
-    for col in ("measurement", "dtype", "shape", "dsmoe tok/s", "transformers tok/s", "ratio",
+    for col in ("measurement", "dtype", "shape", "dsmoe tok/s", "transformers tok/s", "ratio", "ceiling",
                 "dsmoe peak RSS", "transformers peak RSS"):
         table.add_column(col, justify="left" if col in ("measurement", "dtype", "shape") else "right")
     mem = lambda b: "n/a" if b is None else format_bytes(b)  # noqa: E731
     for r in result["rows"]:
         table.add_row(r["measurement"], r["dtype"], r["shape"], f"{r['dsmoe']['tokens_per_s']:,.1f}",
                       f"{r['transformers']['tokens_per_s']:,.1f}", f"{r['ratio']:.2f}x",
-                      mem(r["dsmoe"]["peak_rss_bytes"]), mem(r["transformers"]["peak_rss_bytes"]))
+                      f"{r['ceiling']:.2f}x", mem(r["dsmoe"]["peak_rss_bytes"]), mem(r["transformers"]["peak_rss_bytes"]))
     console.print(table)
     for r in result["rows"]:
         if r["measurement"] == "forward":
@@ -93,6 +93,12 @@ def _print_bench(result: dict) -> None:
                       f"{p['forward_positions']} positions differ by > 1e-3, argmax agrees at "
                       f"{100 * p['forward_argmax_agree_fraction']:.1f}%; greedy decode tokens "
                       + ("identical" if not decode else f"differ at {', '.join(decode)}"))
+    console.print(f"memory bandwidth (fp32 matrix-vector): {result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
+                  "ceiling = the best ratio possible against transformers' time here (FLOPs at the matmul peak, "
+                  "decode bytes at the memory bandwidth)")
     for t in result["targets"]:
         value = f"{100 * t['value']:.0f}%" if "peak" in t["target"] else f"{t['value']:.2f}x"
-        console.print(f"target {t['target']} ({t['dtype']}): {value} -> {'met' if t['met'] else 'NOT met'}")
+        line = f"target {t['target']} ({t['dtype']}): {value} -> {'met' if t['met'] else 'NOT met'}"
+        if "ceiling" in t:
+            line += f" (ceiling {t['ceiling']:.2f}x: {'reachable' if t['reachable'] else 'out of reach'} on this machine)"
+        console.print(line)

@@ -49,28 +49,20 @@ def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
     token = order // K  # token of each sorted pair
     xs = x.index_select(0, token)  # (T*K, D), contiguous per expert
     gates = weights.reshape(-1).index_select(0, order).unsqueeze(1).to(x.dtype)  # (T*K, 1)
-    autograd = torch.is_grad_enabled() and any(w.requires_grad for w in (x, weights, w1, w2, w3))
-    if autograd:
-        # unbind, not w1[e]: the backward of each w1[e] is a zero tensor the size of all experts plus an
-        # add, per expert (quadratic in E); unbind's backward stacks the per-expert gradients once.
+    used = [e for e, n in enumerate(counts) if n]  # experts with tokens, in sorted order
+    sizes = [counts[e] for e in used]
+    # split, not slicing: a slice's backward is a zero tensor the size of all pairs plus an add, per expert.
+    chunks = zip(used, xs.split(sizes), gates.split(sizes))
+    if torch.is_grad_enabled() and any(w.requires_grad for w in (x, weights, w1, w2, w3)):
+        # unbind, not w1[e], for the same reason (its backward would be a zero tensor the size of all experts).
         w1, w2, w3 = w1.unbind(0), w2.unbind(0), w3.unbind(0)
-        outs = []
-    else:
-        # w1[e] is a free view, taken only for experts with tokens (a decode step uses K of E).
-        ys = xs.new_empty(T * K, D)
-    lo = 0
-    for e, n in enumerate(counts):
-        if not n:
-            continue
-        rows = slice(lo, lo + n)
-        h = F.silu(F.linear(xs[rows], w1[e])) * F.linear(xs[rows], w3[e]) * gates[rows]  # (n, I)
-        if autograd:
-            outs.append(F.linear(h, w2[e]))
-        else:
-            torch.mm(h, w2[e].t(), out=ys[rows])
-        lo += n
-    if autograd:
+        outs = [F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]) * ge, w2[e]) for e, xe, ge in chunks]
         ys = torch.cat(outs) if outs else xs.new_zeros(0, D)
+    else:
+        # Without autograd w1[e] is a free view, and each expert writes its rows of ys in place.
+        ys = xs.new_empty(T * K, D)
+        for (e, xe, ge), ye in zip(chunks, ys.split(sizes)):
+            torch.mm(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]) * ge, w2[e].t(), out=ye)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return out.index_add_(0, token, ys.float()).to(x.dtype)
 

@@ -52,6 +52,9 @@ def test_bench_structure_and_parity():
     assert rows["forward2x16"]["ceiling"] == pytest.approx(rows["forward2x16"]["transformers"]["seconds"] * peak / flops)
     assert rows["train2x16"]["ceiling"] == pytest.approx(rows["train2x16"]["transformers"]["seconds"] * peak / flops / 3)
     assert result["memory_bandwidth_bytes_per_s"] > 0
+    for r in result["rows"][2:]:
+        assert r["ceiling"] == pytest.approx(r["transformers"]["seconds"] * r["step_bandwidth_bytes_per_s"]
+                                             / (3 * r["step_bytes"]))  # 3 new tokens
     for t in result["targets"]:
         if "ceiling" in t:
             assert t["reachable"] == (t["ceiling"] >= float(t["target"].split(">= ")[1].rstrip("x transformers")))

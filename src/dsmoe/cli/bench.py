@@ -93,9 +93,14 @@ def _print_bench(result: dict) -> None:
                       f"{p['forward_positions']} positions differ by > 1e-3, argmax agrees at "
                       f"{100 * p['forward_argmax_agree_fraction']:.1f}%; greedy decode tokens "
                       + ("identical" if not decode else f"differ at {', '.join(decode)}"))
-    console.print(f"memory bandwidth (fp32 matrix-vector): {result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
-                  "ceiling = the best ratio possible against transformers' time here (FLOPs at the matmul peak, "
-                  "decode bytes at the memory bandwidth)")
+    console.print(f"memory bandwidth (fp32 matrix-vector, {result['config']['bandwidth_megabytes']} MB): "
+                  f"{result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    for r in result["rows"]:
+        if r["measurement"] == "decode":
+            console.print(f"{r['dtype']} decode {r['shape']}: a step reads at least {format_bytes(r['step_bytes'])}, "
+                          f"{r['step_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s over a matrix of that size")
+    console.print("ceiling = the best ratio possible against transformers' time on this machine: forward / train "
+                  "FLOPs at the matmul peak, decode step bytes at the bandwidth above")
     for t in result["targets"]:
         value = f"{100 * t['value']:.0f}%" if "peak" in t["target"] else f"{t['value']:.2f}x"
         line = f"target {t['target']} ({t['dtype']}): {value} -> {'met' if t['met'] else 'NOT met'}"

@@ -45,6 +45,7 @@ def test_bench_structure_and_parity():
     assert parity["forward_positions_differing"] <= 1 and parity["forward_positions"] == 32
     assert parity["forward_argmax_agree_fraction"] >= 31 / 32
     assert parity["decode_1x8_tokens_equal"] and parity["decode_2x12_tokens_equal"]
+    assert parity["train_loss"]["dsmoe"] == pytest.approx(parity["train_loss"]["transformers"], rel=1e-5)
     assert {t["target"].split()[0] for t in result["targets"]} == {"forward", "train", "decode"}
     # ceilings: transformers' time against FLOPs at the matmul peak / bytes at the memory bandwidth
     peak, flops = result["matmul_peak_flops"]["fp32"], result["model"]["forward_flops"]

@@ -61,11 +61,12 @@ def test_dispatch_paths_agree_fp32(case):
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_dispatch_no_tokens():
-    args = _inputs(T=0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the two combine paths
+def test_dispatch_no_tokens(dtype):
+    args = _inputs(T=0, dtype=dtype)
     for fn in (expert_loop, sorted_dispatch):
         out = fn(*args)
-        assert out.shape == (0, 16)
+        assert out.shape == (0, 16) and out.dtype == dtype
 
 
 def test_dispatch_duplicate_slots():

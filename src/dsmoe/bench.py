@@ -223,10 +223,18 @@ def _forward_fns(ours, hf, ids: torch.Tensor) -> dict[str, Callable[[], torch.Te
     return {"dsmoe": dsmoe_fwd, "transformers": hf_fwd}
 
 
+def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
+    """(B*T,) targets for logits (B*T, V) of ids (B, T): the next token, -100 (ignored) at each row's last
+    position, as transformers' labels=ids does. The loss then runs over the logits as they come, with no
+    shifted copy of a (B, T, vocab) tensor."""
+    return F.pad(ids[:, 1:], (0, 1), value=-100).flatten()
+
+
 def _train_fns(ours, hf, ids: torch.Tensor) -> dict[str, Callable[[], None]]:
+    targets = next_token_targets(ids)
+
     def dsmoe_step():
-        logits = ours(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = F.cross_entropy(ours(ids).flatten(0, 1), targets, ignore_index=-100)
         loss.backward()
         ours.zero_grad(set_to_none=True)
 
@@ -338,6 +346,10 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
                   "forward_positions_differing": int((per_position > 1e-3).sum()),
                   "forward_positions": per_position.numel(),
                   "forward_argmax_agree_fraction": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+        with torch.no_grad():  # the objective both training steps differentiate: transformers' own labels path
+            ours_loss = F.cross_entropy(a.flatten(0, 1), next_token_targets(ids), ignore_index=-100).item()
+            hf_loss = hf(ids, labels=ids, use_cache=False).loss.item()
+        parity["train_loss"] = {"dsmoe": ours_loss, "transformers": hf_loss}
         del a, b
         tick(f"{dname}: parity")()
 

@@ -91,7 +91,8 @@ def _print_bench(result: dict) -> None:
         console.print(f"{dname} parity: forward logits max |diff| {p['forward_logits_max_abs_diff']:.2e} "
                       f"(max |logit| {p['forward_logits_max_abs']:.2f}), {p['forward_positions_differing']} of "
                       f"{p['forward_positions']} positions differ by > 1e-3, argmax agrees at "
-                      f"{100 * p['forward_argmax_agree_fraction']:.1f}%; greedy decode tokens "
+                      f"{100 * p['forward_argmax_agree_fraction']:.1f}%; training loss {p['train_loss']['dsmoe']:.6f} vs "
+                      f"{p['train_loss']['transformers']:.6f}; greedy decode tokens "
                       + ("identical" if not decode else f"differ at {', '.join(decode)}"))
     console.print(f"memory bandwidth (fp32 matrix-vector, {result['config']['bandwidth_megabytes']} MB): "
                   f"{result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")

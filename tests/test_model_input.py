@@ -56,7 +56,7 @@ def test_too_long(model):
     assert str(MAX_POS) in str(err.value)
 
 
-@pytest.mark.parametrize("shape", [(8,), (2, 3, 4), ()])
+@pytest.mark.parametrize("shape", [(8,), (2, 3, 4), (), (2, 0), (0, 3)])
 def test_not_2d(model, shape):
     ids = torch.zeros(shape, dtype=torch.long)
     with pytest.raises(ValueError, match="input_ids"), torch.no_grad():

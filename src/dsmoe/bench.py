@@ -76,7 +76,7 @@ class BenchConfig:
     repeats: int = 3
     matmul_size: int = 2048
     matmul_repeats: int = 5
-    bandwidth_megabytes: int = 256  # matrix streamed to measure memory bandwidth: far above the caches
+    bandwidth_mebibytes: int = 256  # matrix streamed to measure memory bandwidth: far above the caches
     model: dict = field(default_factory=lambda: dict(MODEL))
     experts_implementations: tuple[str, ...] = ("grouped_mm", "eager")  # transformers candidates
     seed: int = 0
@@ -120,7 +120,8 @@ class PeakRSS:
 
 
 def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> float:
-    """FLOP/s of a (size x size) @ (size x size) matmul: the median of `repeats` after one warm-up."""
+    """FLOP/s of a (size x size) @ (size x size) matmul: the best of `repeats` after one warm-up (a peak,
+    and the ceilings divide by it: an upper bound wants the fastest)."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     torch.mm(a, b)
     times = []
@@ -128,14 +129,14 @@ def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> float:
         began = time.perf_counter()
         torch.mm(a, b)
         times.append(time.perf_counter() - began)
-    return 2 * size**3 / statistics.median(times)
+    return 2 * size**3 / min(times)
 
 
-def memory_bandwidth(repeats: int, megabytes: float = 256) -> float:
-    """Bytes/s read by an fp32 matrix-vector product over `megabytes` of matrix, the best of `repeats` after
+def memory_bandwidth(repeats: int, mebibytes: float = 256) -> float:
+    """Bytes/s read by an fp32 matrix-vector product over `mebibytes` MiB of matrix, the best of `repeats` after
     one warm-up: what a decode step reading that many bytes of weights is bound by. A matrix that fits the
     caches reads faster than memory (here: ~100 GB/s at 2 MB, ~50 at 75 MB, ~29 from 128 MB up)."""
-    rows = max(1, int(megabytes * 2**20) // (4 * 4096))
+    rows = max(1, int(mebibytes * 2**20) // (4 * 4096))
     matrix, vector = torch.randn(rows, 4096), torch.randn(4096)
     torch.mv(matrix, vector)
     times = []
@@ -321,7 +322,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
                     "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")},
         "config": {"batch_size": B, "seq_len": T, "decode_shapes": [list(s) for s in cfg.decode_shapes],
                    "new_tokens": cfg.new_tokens, "repeats": cfg.repeats, "dtypes": list(cfg.dtypes),
-                   "bandwidth_megabytes": cfg.bandwidth_megabytes},
+                   "bandwidth_mebibytes": cfg.bandwidth_mebibytes},
         "model": {"hf_config": dict(cfg.model), "total_params": stats.total_params,
                   "activated_params": stats.activated_params, "forward_flops": fwd_flops,
                   "flops_definition": "B*T*(matmul_flops_per_token + attention_flops_per_token(context=T)/2)"},
@@ -329,7 +330,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
         "matmul_peak_flops": {}, "experts_implementation": {}, "rows": [], "parity": {},
     }
     progress("memory bandwidth", done, total)
-    result["memory_bandwidth_bytes_per_s"] = memory_bandwidth(cfg.matmul_repeats, cfg.bandwidth_megabytes)
+    result["memory_bandwidth_bytes_per_s"] = memory_bandwidth(cfg.matmul_repeats, cfg.bandwidth_mebibytes)
     for dname in cfg.dtypes:
         ours, hf = models[dname]
         dtype = DTYPES[dname]

@@ -94,7 +94,7 @@ def _print_bench(result: dict) -> None:
                       f"{100 * p['forward_argmax_agree_fraction']:.1f}%; training loss {p['train_loss']['dsmoe']:.6f} vs "
                       f"{p['train_loss']['transformers']:.6f}; greedy decode tokens "
                       + ("identical" if not decode else f"differ at {', '.join(decode)}"))
-    console.print(f"memory bandwidth (fp32 matrix-vector, {result['config']['bandwidth_megabytes']} MB): "
+    console.print(f"memory bandwidth (fp32 matrix-vector, {result['config']['bandwidth_mebibytes']} MiB): "
                   f"{result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
     for r in result["rows"]:
         if r["measurement"] == "decode":

@@ -74,7 +74,7 @@ class GQAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(start, k, v)  # (B, G, S, D)
         out = attention(q.transpose(1, 2), k, v, self.scale, mask)  # (B, H, T, D)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(out.transpose(1, 2).reshape(B, T, out.shape[1] * out.shape[3]))
 
 
 class MLAttention(nn.Module):
@@ -159,7 +159,7 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, N + R)
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, H, -1)), dim=-1)  # (B, S, H, N + R)
         out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, mask)
-        return out.transpose(1, 2).reshape(B, T, -1)
+        return out.transpose(1, 2).reshape(B, T, H * self.v_dim)
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:
@@ -171,9 +171,9 @@ class MLAttention(nn.Module):
         w = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, C)
         w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)
         # Per head, (B*T, N) @ (N, C): one bmm over heads (einsum re-plans the same contraction per call).
-        q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # (H, B*T, C)
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, self.nope_dim).transpose(0, 1), w_uk)  # (H, B*T, C)
         q = torch.cat((q_lat.transpose(0, 1).view(B, T, H, C), q_pe), dim=-1)  # (B, T, H, C + R)
-        q = q.view(B, T * H, -1)  # (B, T*H, C + R)
+        q = q.view(B, T * H, C + self.rope_dim)  # (B, T*H, C + R)
         scores = torch.bmm(q, latent.transpose(1, 2)).float() * self.scale  # (B, T*H, S)
         if mask is None:
             mask = causal_mask(T, S, q.device)
@@ -183,4 +183,4 @@ class MLAttention(nn.Module):
         probs = scores.softmax(dim=-1).to(q.dtype)
         out = torch.bmm(probs, latent[..., :C]).view(B * T, H, C)  # (B*T, H, C)
         out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, V)
-        return out.transpose(0, 1).reshape(B, T, -1)
+        return out.transpose(0, 1).reshape(B, T, H * self.v_dim)

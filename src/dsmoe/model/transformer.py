@@ -106,13 +106,14 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                where = (input_ids == bad).nonzero()[0].tolist()
-                raise ValueError(f"token id {bad} at (batch {where[0]}, position {where[1]}) is outside the "
-                                 f"vocabulary [0, {self.config.vocab_size})")
+        if 0 in input_ids.shape:
+            raise ValueError(f"input_ids has no tokens: shape {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            where = (input_ids == bad).nonzero()[0].tolist()
+            raise ValueError(f"token id {bad} at (batch {where[0]}, position {where[1]}) is outside the "
+                             f"vocabulary [0, {self.config.vocab_size})")
         end = start_pos + input_ids.shape[1]
         if end > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {end} positions is longer than "
@@ -137,14 +138,17 @@ class Transformer(nn.Module):
         pad (B,): left-padding per row (batched prompts of different lengths). A row's real tokens get
         positions 0, 1, ... as if unpadded, and no query attends to its padding. Padding queries attend to
         themselves only, so they stay finite and never feed NaN into the cache.
-        Returns positions (T,) or (B, T), and a bool mask (B, 1, T, S), or None without padding: plain
-        causal, which the attention layers apply without materialising a mask (and skip at decode steps).
+        Returns positions (T,) or (B, T), and a bool mask (B, 1, T, S) or None. None means plain causal
+        where no tensor is needed: a prefill from slot 0 (SDPA's is_causal) or a single decode token (sees
+        every key). Several new tokens after cached ones get their causal mask built here, once per forward.
         """
         pos = torch.arange(start, start + length, device=device)  # (T,) absolute slots
-        if pad is None:
+        if pad is None and (start == 0 or length == 1):
             return pos, None
         keys = torch.arange(start + length, device=device)  # (S,)
         mask = keys[None, :] <= pos[:, None]  # (T, S) causal
+        if pad is None:
+            return pos, mask[None, None]
         pad = pad.to(device)
         real_key = keys[None, :] >= pad[:, None]  # (B, S)
         mask = (mask[None] & real_key[:, None]) | (keys[None, None, :] == pos[None, :, None])  # (B, T, S)

@@ -36,7 +36,8 @@ def expert_loop(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
 def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                     w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """Sort the T*K (token, slot) pairs by expert once, run each non-empty expert on one contiguous
-    slice, and scatter-add the weighted results back. No per-expert masks, no per-token weight gathers.
+    slice, and sum the weighted results back per token (_combine). No per-expert masks, no per-token
+    weight gathers. The gate weights are cast to x's dtype, as transformers does (bf16 gates in bf16).
 
     The gate weight scales the expert's I-wide hidden activation rather than its D-wide output (the same
     product, w2 being linear; I < D for fine-grained experts), and without autograd every expert writes

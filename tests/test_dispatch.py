@@ -110,7 +110,7 @@ def test_dispatch_gradients_agree_bf16():
         torch.testing.assert_close(gb, ga, rtol=3e-2, atol=3e-2 * ga.abs().max().item(), msg=name)
 
 
-@pytest.mark.parametrize("case", ["all-experts", "empty-experts", "top4-many-tokens"])
+@pytest.mark.parametrize("case", ["all-experts", "empty-experts", "top4-many-tokens", "single-token"])
 def test_dispatch_bf16(case):
     args = _inputs(**CASES[case], dtype=torch.bfloat16)
     truth = naive(*args)

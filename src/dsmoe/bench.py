@@ -123,13 +123,7 @@ def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> float:
     """FLOP/s of a (size x size) @ (size x size) matmul: the best of `repeats` after one warm-up (a peak,
     and the ceilings divide by it: an upper bound wants the fastest)."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - began)
-    return 2 * size**3 / min(times)
+    return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), repeats)
 
 
 def memory_bandwidth(repeats: int, mebibytes: float = 256) -> float:
@@ -138,13 +132,18 @@ def memory_bandwidth(repeats: int, mebibytes: float = 256) -> float:
     caches reads faster than memory (here: ~100 GB/s at 2 MB, ~50 at 75 MB, ~29 from 128 MB up)."""
     rows = max(1, int(mebibytes * 2**20) // (4 * 4096))
     matrix, vector = torch.randn(rows, 4096), torch.randn(4096)
-    torch.mv(matrix, vector)
+    return matrix.numel() * 4 / _best_seconds(lambda: torch.mv(matrix, vector), repeats)
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed calls of fn, after one untimed warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
-        torch.mv(matrix, vector)
+        fn()
         times.append(time.perf_counter() - began)
-    return matrix.numel() * 4 / min(times)
+    return min(times)
 
 
 def decode_step_bytes(stats, batch: int, context: int, element_size: int) -> int:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import GQAttention, MLAttention, Rope
+from .attention import GQAttention, MLAttention, Rope, causal_mask
 from .cache import LayerCache, ModelCache
 from .layers import MLP, RMSNorm, RotaryEmbedding
 from .moe import MoE
@@ -143,12 +143,11 @@ class Transformer(nn.Module):
         every key). Several new tokens after cached ones get their causal mask built here, once per forward.
         """
         pos = torch.arange(start, start + length, device=device)  # (T,) absolute slots
-        if pad is None and (start == 0 or length == 1):
-            return pos, None
+        if pad is None:
+            mask = None if start == 0 else causal_mask(length, start + length, device)  # None: SDPA's is_causal
+            return pos, None if mask is None else mask[None, None]
         keys = torch.arange(start + length, device=device)  # (S,)
         mask = keys[None, :] <= pos[:, None]  # (T, S) causal
-        if pad is None:
-            return pos, mask[None, None]
         pad = pad.to(device)
         real_key = keys[None, :] >= pad[:, None]  # (B, S)
         mask = (mask[None] & real_key[:, None]) | (keys[None, None, :] == pos[None, :, None])  # (B, T, S)

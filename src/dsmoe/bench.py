@@ -261,7 +261,8 @@ class _Decoder:
         T, token, out = self.ids.shape[1], self.first, []
         with torch.no_grad():
             for step in range(self.n):
-                token = self.ours(token[:, None], cache=self.cache, start=T + step)[:, -1].argmax(-1)
+                # as dsmoe.generate does: ids checked once (the prompt), not per sampled token
+                token = self.ours(token[:, None], cache=self.cache, start=T + step, check=False)[:, -1].argmax(-1)
                 out.append(token)
         self.tokens["dsmoe"] = torch.stack(out, dim=1)
 

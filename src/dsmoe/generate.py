@@ -68,9 +68,7 @@ def _check_args(max_new_tokens: int, temperature: float, top_k: int | None,
 def _batch_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) tensor or lists of different lengths -> left-padded (B, T) ids and pad counts (or None)."""
     if isinstance(input_ids, torch.Tensor):
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-        return input_ids.long(), None
+        return input_ids.long(), None  # shape, range: model.check_input in stream()
     prompts = [list(p) for p in input_ids]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -146,14 +144,15 @@ def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_
     B, T = ids.shape
     cache = model.make_cache(B, capacity)
     # Prefill in one forward; only the last position's logits are needed (the head is ~20% of a prefill).
-    logits = model.head(model.hidden_states(ids, cache, pad=pad)[:, -1]).float()
+    # stream() validated the prompt; sampled tokens are in the vocabulary: no per-step id checks below.
+    logits = model.head(model.hidden_states(ids, cache, pad=pad, check=False)[:, -1]).float()
     for step in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         if sync is not None:
             token = sync(token)
         yield token[:, None]
         if step + 1 < max_new_tokens:
-            logits = model(token[:, None], cache=cache, start=T + step, pad=pad)[:, -1]
+            logits = model(token[:, None], cache=cache, start=T + step, pad=pad, check=False)[:, -1]
 
 
 def _speculative(model: Transformer, ids: torch.Tensor, max_new_tokens: int, capacity: int,
@@ -177,7 +176,7 @@ def _speculative(model: Transformer, ids: torch.Tensor, max_new_tokens: int, cap
         h_mtp = model.mtp_hidden(0, h, next_ids, mtp_cache, start)
         return model.head(model.mtp[0].norm(h_mtp[:, -1])).argmax(dim=-1)  # (1,)
 
-    h = model.hidden_states(ids, main_cache)  # (1, T, D)
+    h = model.hidden_states(ids, main_cache, check=False)  # (1, T, D), validated by stream()
     token = model.head(h[:, -1]).argmax(dim=-1)  # (1,)
     guess = draft(h, torch.cat((ids[:, 1:], token[:, None]), dim=1), 0)
     pos = T  # slot of `token`
@@ -185,7 +184,7 @@ def _speculative(model: Transformer, ids: torch.Tensor, max_new_tokens: int, cap
         yield token[:, None]
         if pos + 2 > capacity:  # the caller stops before this; never write past the cache
             return
-        h = model.hidden_states(torch.stack((token, guess), dim=1), main_cache, pos)  # (1, 2, D)
+        h = model.hidden_states(torch.stack((token, guess), dim=1), main_cache, pos, check=False)  # (1, 2, D)
         best = model.head(h).argmax(dim=-1)  # (1, 2): after token, after guess
         stats.drafted += 1
         if bool(best[0, 0] == guess[0]):

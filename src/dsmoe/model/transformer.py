@@ -162,13 +162,16 @@ class Transformer(nn.Module):
         return self.rope(positions, dtype), mask
 
     def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None, start: int = 0,
-                      pad: torch.Tensor | None = None) -> torch.Tensor:
+                      pad: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
         """input_ids (B, T) at positions start..start+T -> final-normed hidden states (B, T, D).
 
         With a cache, keys and values of these positions are written into it and earlier ones read
         from it; without one, the call is a plain causal forward over the T tokens (start must be 0).
+        check=False skips check_input (two host syncs for the id range): for callers that validated the
+        prompt once and feed back tokens the model itself sampled, like a decode loop.
         """
-        self.check_input(input_ids, start)
+        if check:
+            self.check_input(input_ids, start)
         x = self.embed(input_ids)
         rope, mask = self._rope_and_mask(input_ids, start, pad, cache is not None, x.dtype)
         for i, block in enumerate(self.layers):
@@ -176,6 +179,6 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, start: int = 0,
-                pad: torch.Tensor | None = None) -> torch.Tensor:
+                pad: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
         """Logits (B, T, V) in fp32."""
-        return self.head(self.hidden_states(input_ids, cache, start, pad)).float()
+        return self.head(self.hidden_states(input_ids, cache, start, pad, check)).float()

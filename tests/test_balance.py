@@ -212,6 +212,21 @@ def test_gradient_reaches_router_weight_not_bias():
     assert not moe.gate.bias.requires_grad
 
 
+
+def test_no_grad_forward_keeps_routing_picks_but_not_scores():
+    """Generation and evaluation must not hold (T, E) fp32 scores and logits per layer after a forward."""
+    config = dsmoe.get_preset("tiny-v3").replace(num_hidden_layers=2, num_nextn_predict_layers=0)
+    model = dsmoe.Transformer(config)
+    moe = model.moe_layers()[0]
+    ids = torch.randint(0, config.vocab_size, (2, 8))
+    with torch.no_grad():
+        model(ids)
+    r = moe.last_routing
+    assert r.scores is None and r.logits is None
+    assert r.indices.shape == r.weights.shape == (16, config.num_experts_per_tok)
+    model(ids)
+    assert moe.last_routing.scores.requires_grad and moe.last_routing.logits.shape == (16, config.n_routed_experts)
+
 # ------------------------------------------------------------------------------------ transformers parity
 def test_mixtral_loss_equals_transformers():
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func

@@ -48,8 +48,8 @@ def test_generate_streams_the_library_output(model_dir):
 
 @pytest.mark.parametrize("setup,args,message", [
     ("none", ["--model", "{dir}/nope"], "no such model directory"),
-    ("no_tokenizer", ["--model", "{dir}"], "no tokenizer.json"),
-    ("broken_tokenizer", ["--model", "{dir}"], "not a usable tokenizer"),
+    ("no_tokenizer", ["--model", "{dir}"], "tokenizer file not found"),
+    ("broken_tokenizer", ["--model", "{dir}"], "not a valid tokenizer.json"),
     ("broken_weights", ["--model", "{dir}"], "damaged or not a safetensors file"),
     ("copy", ["--model", "{dir}", "--temperature", "-1"], "temperature"),
 ])

@@ -170,6 +170,12 @@ class ModelConfig:
         return self.is_moe and layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
 
     @property
+    def group_limited(self) -> bool:
+        """Whether routing picks experts only inside the topk_group best of n_group groups (V2's
+        device-limited, V3's node-limited routing); greedy routing, or one group, is plain top-k."""
+        return self.topk_method != "greedy" and (self.n_group or 1) > 1
+
+    @property
     def renormalise_topk(self) -> bool:
         """Whether the k picked gate weights are rescaled to sum to 1.
 

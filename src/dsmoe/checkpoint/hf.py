@@ -10,12 +10,12 @@ returns nothing half-built.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
+from ..files import atomic_write_text
 from ..model import Transformer
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPES, dequantize_blockwise, scale_shape
 from .names import MTP_SHARED_COPIES, checkpoint_has_mtp, hf_names, is_ignored_hf_name, mtp_layer
@@ -97,7 +97,7 @@ def save_pretrained(model: Transformer, directory: str | Path, max_shard_size: i
     hf = config.to_hf(config_style)
     hf["dtype"] = str(saved_dtype).removeprefix("torch.")
     hf.pop("quantization_config", None)  # weights are written dequantised
-    _write_json_atomic(directory / "config.json", hf)
+    atomic_write_text(directory / "config.json", json.dumps(hf, indent=2) + "\n")
 
 
 def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Tensor],
@@ -162,12 +162,6 @@ def _fp8_block(config: ModelConfig) -> tuple[int, int]:
     quant = config.extra.get("quantization_config") or {}
     block = quant.get("weight_block_size") or DEFAULT_BLOCK
     return (int(block[0]), int(block[1]))
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 __all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "INDEX_NAME", "SINGLE_NAME"]

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files import atomic_write_text
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -148,9 +150,8 @@ def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | P
         weight_map.update(dict.fromkeys(names, file))
     index = directory / INDEX_NAME
     if n > 1:
-        tmp = directory / f".{INDEX_NAME}.tmp"
-        tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        os.replace(tmp, index)
+        atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                            indent=2) + "\n")
     else:
         index.unlink(missing_ok=True)  # a stale index from an earlier sharded save would shadow model.safetensors
     return files

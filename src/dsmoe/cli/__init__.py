@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 from .bench import _add_bench
 from .common import PROG, CLIError, _fail, _Parser, load_config
-from .generate import _add_generate, load_tokenizer
+from .generate import _add_generate
 from .info import _add_info
 from .train import _add_train
 
-__all__ = ["CLIError", "build_parser", "load_config", "load_tokenizer", "main"]
+__all__ = ["CLIError", "build_parser", "load_config", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

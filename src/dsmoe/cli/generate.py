@@ -33,18 +33,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_generate)
 
 
-def load_tokenizer(directory: Path):
-    from tokenizers import Tokenizer
-
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        raise CLIError(f"{path}: no tokenizer.json in the model directory")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises its own exception type for malformed files
-        raise CLIError(f"{path}: not a usable tokenizer ({err})") from None
-
-
 def _run_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -53,6 +41,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .. import parallel
     from ..checkpoint import load_pretrained
     from ..generate import GenerationStats, stream
+    from ..train.tokenizer import EOT_TOKEN, load_tokenizer
 
     if args.speculative and args.temperature != 0:
         raise CLIError("--speculative decodes greedily: leave --temperature at 0")
@@ -75,7 +64,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise CLIError("the prompt encodes to no tokens")
     eos = model.config.eos_token_id
     if eos is None:
-        eos = tokenizer.token_to_id("<|endoftext|>")
+        eos = tokenizer.token_to_id(EOT_TOKEN)  # None (never stop early) for a tokenizer without it
     stats = GenerationStats()
     began = time.perf_counter()
     new: list[int] = []

@@ -19,8 +19,8 @@ from .layers import MLP
 class Routing(NamedTuple):
     weights: torch.Tensor  # (T, K) fp32 gate weights, after normalisation and routed scaling
     indices: torch.Tensor  # (T, K) picked experts
-    scores: torch.Tensor  # (T, E) fp32 softmax / sigmoid scores (unbiased): what balance losses use
-    logits: torch.Tensor  # (T, E) fp32 raw router logits
+    scores: torch.Tensor | None  # (T, E) fp32 softmax / sigmoid scores (unbiased): what balance losses use
+    logits: torch.Tensor | None  # (T, E) fp32 raw router logits
 
 
 class Router(nn.Module):
@@ -43,6 +43,7 @@ class Router(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.scoring = config.scoring_func
         self.method = config.topk_method
+        self.group_limited = config.group_limited
         self.n_group = config.n_group or 1
         self.topk_group = config.topk_group or 1
         self.normalise = config.renormalise_topk
@@ -55,7 +56,7 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.weight.float())  # (T, E)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.bias is None else scores + self.bias
-        if self.method != "greedy" and self.n_group > 1:
+        if self.group_limited:
             choice = self._limit_groups(choice)
         indices = choice.topk(self.top_k, dim=-1, sorted=False).indices  # (T, K)
         weights = scores.gather(1, indices)
@@ -100,13 +101,17 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(config.hidden_size, config.shared_intermediate_size)
                                if config.n_shared_experts else None)
         self.dispatch = "sorted"  # "loop" selects the reference path (same results, slower)
-        self.last_routing: Routing | None = None  # kept for balance losses and load metrics
+        # The last forward's routing, for balance losses and load metrics. Only a forward that records
+        # gradients keeps the (T, E) scores and logits (the losses differentiate them); without autograd
+        # (generation, evaluation) they are dropped, so a long prefill does not hold two fp32 (T, E)
+        # tensors per layer after it returns.
+        self.last_routing: Routing | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (T, D)
         routing = self.gate(flat)
-        self.last_routing = routing
+        self.last_routing = routing if torch.is_grad_enabled() else routing._replace(scores=None, logits=None)
         y = self.experts(flat, routing, self.dispatch)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..model import Routing, Transformer
 from ..ops.dispatch import DISPATCH
-from .groups import ParallelInfo
+from .groups import ParallelInfo, check_ep_divides_experts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -183,14 +183,10 @@ class ShardPlan:
     warnings: tuple[str, ...] = ()
 
 
-def _is_group_limited(config) -> bool:
-    return config.topk_method != "greedy" and (config.n_group or 1) > 1
-
-
 def max_ranks_per_token(config, ep: int) -> int:
     """The most distinct ranks a token's K experts can live on, under the router's group limit."""
     E, K = config.n_routed_experts, config.num_experts_per_tok
-    if not _is_group_limited(config):
+    if not config.group_limited:
         return min(K, ep)
     n_group, M = config.n_group, config.topk_group
     G, C = E // n_group, E // ep
@@ -207,7 +203,7 @@ def max_ranks_per_token(config, ep: int) -> int:
 
 def routing_mapping(config, ep: int) -> tuple[str, tuple[str, ...]]:
     """How the router's groups sit on the EP ranks: (a one-line description, warnings). See ShardPlan."""
-    if not _is_group_limited(config):
+    if not config.group_limited:
         return f"no group limit: a token reaches up to {max_ranks_per_token(config, ep)} of {ep} ranks", ()
     n_group, M = config.n_group, config.topk_group
     cap = max_ranks_per_token(config, ep)
@@ -237,8 +233,7 @@ def shard_experts(model: Transformer, info: ParallelInfo) -> ShardPlan:
     if not layers:
         raise ValueError("--ep needs a model with MoE layers")
     E, ep = config.n_routed_experts, info.ep_size
-    if E % ep:
-        raise ValueError(f"--ep {ep} must divide n_routed_experts ({E}): every rank holds the same number of experts")
+    check_ep_divides_experts(ep, E)
     C = E // ep
     lo = info.ep_rank * C
     if ep > 1:
@@ -252,7 +247,7 @@ def shard_experts(model: Transformer, info: ParallelInfo) -> ShardPlan:
             for p, old in zip(sharded.parameters(), experts.parameters()):
                 p.requires_grad_(old.requires_grad)
             moe.experts = sharded  # same slot in _modules: parameter order and state_dict keys unchanged
-    limited = _is_group_limited(config)
+    limited = config.group_limited
     mapping, warnings = routing_mapping(config, ep)
     return ShardPlan(ep_size=ep, ep_rank=info.ep_rank, n_experts=E, experts_per_rank=C,
                      local_experts=range(lo, lo + C), layers=len(layers),

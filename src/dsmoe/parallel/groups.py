@@ -99,6 +99,13 @@ def init_distributed(ep: int = 1, n_experts: int | None = None) -> ParallelInfo:
     return make_groups(ep, n_experts)
 
 
+def check_ep_divides_experts(ep: int, n_experts: int) -> None:
+    """Every EP rank holds the same number of routed experts: ValueError naming --ep otherwise."""
+    if n_experts % ep:
+        raise ValueError(f"--ep {ep} must divide n_routed_experts ({n_experts}): every rank holds the same "
+                         "number of experts")
+
+
 def make_groups(ep: int, n_experts: int | None = None) -> ParallelInfo:
     """EP groups of `ep` contiguous ranks and DP groups of the ranks with the same EP rank (module doc).
 
@@ -113,9 +120,8 @@ def make_groups(ep: int, n_experts: int | None = None) -> ParallelInfo:
     if world % ep:
         hint = "" if initialized else " (launch with torchrun --nproc_per_node N for N > 1 processes)"
         raise ValueError(f"--ep {ep} must divide the number of processes ({world}){hint}")
-    if n_experts is not None and n_experts % ep:
-        raise ValueError(f"--ep {ep} must divide n_routed_experts ({n_experts}): every rank holds the same "
-                         "number of experts")
+    if n_experts is not None:
+        check_ep_divides_experts(ep, n_experts)
     dp = world // ep
     ep_rank, dp_rank = rank % ep, rank // ep
     ep_group = dp_group = None

@@ -25,7 +25,8 @@ from typing import Any
 
 from ..calc import arch_stats, expert_params
 from ..config import ModelConfig
-from .expert import _is_group_limited, max_ranks_per_token, routing_mapping
+from .expert import max_ranks_per_token, routing_mapping
+from .groups import check_ep_divides_experts
 
 
 def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
@@ -37,15 +38,14 @@ def _check(config: ModelConfig, ep: int) -> None:
         raise ValueError("--ep needs a mixture-of-experts model (n_routed_experts > 0)")
     if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
         raise ValueError(f"--ep must be a positive integer, got {ep!r}")
-    if config.n_routed_experts % ep:
-        raise ValueError(f"--ep {ep} must divide n_routed_experts ({config.n_routed_experts})")
+    check_ep_divides_experts(ep, config.n_routed_experts)
 
 
 def rank_hit_probabilities(config: ModelConfig, ep: int) -> list[float]:
     """P(EP rank j holds at least one of a token's K experts) under uniform routing, for each rank j."""
     _check(config, ep)
     E, K = config.n_routed_experts, config.num_experts_per_tok
-    n_group, M = (config.n_group, config.topk_group) if _is_group_limited(config) else (1, 1)
+    n_group, M = (config.n_group, config.topk_group) if config.group_limited else (1, 1)
     G, C = E // n_group, E // ep
     U = M * G  # eligible experts
     if K > U:

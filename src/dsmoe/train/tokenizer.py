@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dsmoe.files import atomic_write_text
 from dsmoe.train.data import EOT_TOKEN, DataError, Document
 
 __all__ = ["EOT_TOKEN", "PAD_TOKEN", "SPECIAL_TOKENS", "default_cache_dir", "eot_id", "load_tokenizer",
@@ -76,22 +76,6 @@ def _new_tokenizer() -> Tokenizer:
     return tok
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache or checkpoint file is meant to be shared
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def train_tokenizer(docs: list[Document], vocab_size: int, cache_dir: str | Path | None = None, *,
                     use_cache: bool = True, max_chars: int = MAX_TRAIN_CHARS) -> Tokenizer:
     """Train (or load from the cache) a byte-level BPE tokenizer on the documents' text.
@@ -127,7 +111,7 @@ def train_tokenizer(docs: list[Document], vocab_size: int, cache_dir: str | Path
     tok.train_from_iterator(iterator, trainer=trainer, length=len(texts))
     if path is not None:
         try:
-            _atomic_write(path, tok.to_str())
+            atomic_write_text(path, tok.to_str())
         except OSError:
             pass  # read-only or full cache folder: the tokenizer is still good, only not cached
     return tok
@@ -135,7 +119,7 @@ def train_tokenizer(docs: list[Document], vocab_size: int, cache_dir: str | Path
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
     """Write ``tokenizer.json`` atomically (temp file + rename)."""
-    _atomic_write(Path(path), tokenizer.to_str())
+    atomic_write_text(Path(path), tokenizer.to_str())
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

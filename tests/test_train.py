@@ -160,6 +160,12 @@ def test_bad_data_is_one_line(tmp_path, make, message):
     assert message in result.stderr
 
 
+
+def test_train_refuses_an_ep_its_process_grid_does_not_have(corpus, tmp_path):
+    with pytest.raises(ValueError, match="TrainConfig.ep=2 but the process grid has ep_size=1"):
+        train(TrainConfig(preset="tiny-v1", steps=1, data=corpus, out=tmp_path / "run", ep=2, **SMALL))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
 def test_resume_refuses_changed_shape_and_fresh_run_refuses_existing(corpus, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(preset="tiny-v1", steps=4, save_every=4, data=corpus, out=out, **SMALL))

@@ -189,10 +189,6 @@ class ModelConfig:
     def shared_intermediate_size(self) -> int:
         return self.n_shared_experts * self.moe_intermediate_size
 
-    @property
-    def expert_intermediate_size(self) -> int:
-        return self.moe_intermediate_size
-
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         def fail(name: str, msg: str) -> None:

@@ -86,7 +86,3 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig(**PRESETS[name])
-
-
-def preset_names() -> list[str]:
-    return list(PRESETS)

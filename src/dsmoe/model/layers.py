@@ -87,7 +87,6 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq, amplitude = rope_inv_freq(config)
         self.amplitude = amplitude
-        self.interleaved = config.rope_interleaved
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,11 +142,6 @@ def make_groups(ep: int, n_experts: int | None = None) -> ParallelInfo:
                         dp_group=dp_group, backend=dist.get_backend() if initialized else None)
 
 
-def world_group(info: ParallelInfo) -> Any:
-    """The default (world) group when distributed; None otherwise (callers check info.distributed first)."""
-    return dist.group.WORLD if info.distributed else None
-
-
 def barrier(info: ParallelInfo) -> None:
     """Wait for every rank (e.g. until rank 0 has written a checkpoint the others will read)."""
     if info.distributed:

@@ -55,18 +55,11 @@ def _check_routing(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, 
     return scores.shape[0]
 
 
-def _counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """sum_t 1[i,t] for every expert i -> (E,) fp32. scatter_add, not bincount: no device-to-host sync."""
-    flat = indices.reshape(-1).long()
-    return torch.zeros(n_experts, dtype=torch.float32, device=indices.device).scatter_add_(
-        0, flat, torch.ones(flat.shape, dtype=torch.float32, device=indices.device))
-
-
 def _f_and_p(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """f_i = N/(K*T) * sum_t 1[i,t] (no gradient) and P_i = 1/T * sum_t s[i,t], both (E,)."""
     T = _check_routing(scores, indices, n_experts, top_k)
-    f = _counts(indices, n_experts) * (n_experts / (top_k * T))  # (E,)
+    f = expert_load(indices, n_experts).float() * (n_experts / (top_k * T))  # (E,)
     p = scores.float().mean(dim=0)  # (E,)
     return f, p
 
@@ -114,7 +107,7 @@ def mixtral_balance_loss(logits: torch.Tensor | Sequence[torch.Tensor], indices:
         indices = torch.cat(list(indices), dim=0)  # (sum_l T_l, K)
     T = _check_routing(logits, indices, n_experts, top_k)
     probs = F.softmax(logits.float(), dim=-1)  # (T, E) over all experts, not just the K picked
-    tokens_per_expert = _counts(indices, n_experts) / T  # (E,)
+    tokens_per_expert = expert_load(indices, n_experts).float() / T  # (E,)
     router_prob_per_expert = probs.mean(dim=0)  # (E,)
     return coef * n_experts * (tokens_per_expert * router_prob_per_expert).sum()
 
@@ -187,7 +180,8 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: in
 
 # ---------------------------------------------------------------------------------------------- load
 def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert: indices (T, K) -> (E,) int64 counts (sum = T*K).
+    """Tokens routed to each expert: indices (T, K) -> (E,) int64 counts (sum = T*K). scatter_add, not
+    bincount: no device-to-host sync.
 
     Sum it over data-parallel ranks (all_reduce) before `update_routing_bias` or `load_metrics`."""
     flat = indices.reshape(-1).long()
@@ -254,8 +248,7 @@ def capacity_mask(weights: torch.Tensor, indices: torch.Tensor, n_experts: int,
     # Two stable sorts = one lexicographic sort by (expert, -weight, original position).
     by_weight = torch.sort(flat_w, descending=True, stable=True).indices
     order = by_weight[torch.sort(flat_e[by_weight], stable=True).indices]  # (T*K,)
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=indices.device).scatter_add_(
-        0, flat_e, torch.ones_like(flat_e))  # (E,)
+    counts = expert_load(indices, n_experts)  # (E,)
     start = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
     rank = torch.arange(T * K, device=indices.device) - start[flat_e[order]]  # (T*K,) rank within expert
     keep = torch.empty(T * K, dtype=torch.bool, device=indices.device)

@@ -82,6 +82,9 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     model, then its experts are sharded and each rank trains on its slice of every global batch
     (dsmoe.parallel). Only the main rank logs, reports events and writes checkpoints.
     """
+    if cfg.ep != info.ep_size:
+        raise ValueError(f"TrainConfig.ep={cfg.ep} but the process grid has ep_size={info.ep_size}: pass the "
+                         "ParallelInfo that init_distributed(cfg.ep, ...) returned")
     if not info.is_main:
         on_event = lambda event: None  # noqa: E731 - one reporter per run
     # Settle the run directory first: a refused resume or an occupied --out fails before any corpus work.

@@ -1,6 +1,6 @@
 """Markdown tables for BENCHMARKS.md from the saved results, so the document shows exactly what was measured.
 
-    python benchmarks/tables.py            # reads benchmarks/results/{bench,decode}-cpu2.json, prints markdown
+    python benchmarks/tables.py    # reads benchmarks/results/{bench,decode,decode-floor}-cpu2.json, prints markdown
 """
 
 from __future__ import annotations
@@ -70,10 +70,26 @@ def decode_tables(decode: dict) -> str:
     ])
 
 
+def floor_table(floor: dict) -> str:
+    rows = []
+    for r in floor["rows"]:
+        ms = lambda key: f"{1e3 * r[key]['best']:.2f}"  # noqa: E731
+        hf = r["transformers_step_s"]["best"]
+        rows.append([f"{r['batch']}x{r['context']}", str(r["aten_ops_per_step"]), str(r["matmuls_per_step"]),
+                     ms("dsmoe_step_s"), ms("dsmoe_matmuls_only_s"), ms("transformers_step_s"),
+                     f"{1e3 * r['target_step_s']:.2f}", f"**{hf / r['dsmoe_step_s']['best']:.2f}x**",
+                     f"{hf / r['dsmoe_matmuls_only_s']['best']:.2f}x"])
+    return _md(["batch x context", "aten ops / step", "of which matmuls", "dsmoe step ms", "its matmuls alone ms",
+                "transformers step ms", "5x needs ms", "dsmoe / transformers", "at the matmul floor"], rows,
+               right_from=1)
+
+
 def main() -> None:
     print(bench_tables(json.loads((RESULTS / "bench-cpu2.json").read_text())))
     print()
     print(decode_tables(json.loads((RESULTS / "decode-cpu2.json").read_text())))
+    print()
+    print(floor_table(json.loads((RESULTS / "decode-floor-cpu2.json").read_text())))
 
 
 if __name__ == "__main__":

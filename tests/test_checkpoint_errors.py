@@ -128,3 +128,34 @@ def test_mtp_layer_and_rotary_tables_are_ignored(hf_state, tmp_path):
     state = dict(state, **{f"model.layers.{layers}.eh_proj.weight": torch.zeros(4, 8),
                            "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)})
     dsmoe.load_pretrained(_write(tmp_path, config, state))
+
+
+def test_layers_beyond_the_config_fail_instead_of_loading_a_truncated_model(hf_state, tmp_path):
+    config, state = hf_state
+    raw = json.loads(config)
+    raw["num_hidden_layers"] -= 1
+    last = raw["num_hidden_layers"]
+    with pytest.raises(CheckpointError, match=rf"unexpected tensor 'model.layers.{last}\."):
+        dsmoe.load_pretrained(_write(tmp_path, json.dumps(raw), state))
+
+
+def test_tied_model_may_carry_lm_head(hf_state, tmp_path):
+    config, state = hf_state
+    raw = json.loads(config)
+    raw["tie_word_embeddings"] = True
+    state = dict(state, **{"lm_head.weight": state["model.embed_tokens.weight"].clone()})
+    model = dsmoe.load_pretrained(_write(tmp_path, json.dumps(raw), state))
+    assert model.head.weight is model.embed.weight
+
+
+def test_fp8_weight_with_non_finite_scale(hf_state, tmp_path):
+    from dsmoe.checkpoint.fp8 import DEFAULT_BLOCK, scale_shape
+
+    config, state = hf_state
+    state = dict(state)
+    q = state[ATTN].to(torch.float8_e4m3fn)
+    scale = torch.ones(scale_shape(tuple(q.shape), DEFAULT_BLOCK))
+    scale[0, 0] = float("inf")
+    state[ATTN], state[ATTN + "_scale_inv"] = q, scale
+    with pytest.raises(CheckpointError, match=f"FP8 tensor '{ATTN}'.*dequantises to NaN or inf"):
+        dsmoe.load_pretrained(_write(tmp_path, config, state))

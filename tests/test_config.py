@@ -60,6 +60,16 @@ INVALID = [
     ("routed_scaling_factor=0", "tiny-v3", dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
     ("rms_norm_eps=0", "tiny-v1", dict(rms_norm_eps=0.0), "rms_norm_eps"),
     ("first_k_dense_replace<0", "tiny-v1", dict(first_k_dense_replace=-1), "first_k_dense_replace"),
+    # null where a number belongs (a hand-edited config.json): the field is named, not a bare TypeError
+    ("rms_norm_eps=None", "tiny-v1", dict(rms_norm_eps=None), "rms_norm_eps"),
+    ("rope_theta=None", "tiny-v2", dict(rope_theta=None), "rope_theta"),
+    ("first_k_dense_replace=None", "tiny-v3", dict(first_k_dense_replace=None), "first_k_dense_replace"),
+    ("num_nextn_predict_layers=None", "tiny-v3", dict(num_nextn_predict_layers=None), "num_nextn_predict_layers"),
+    ("routed_scaling_factor=None", "tiny-v3", dict(routed_scaling_factor=None), "routed_scaling_factor"),
+    ("n_shared_experts=None", "tiny-v2", dict(n_shared_experts=None), "n_shared_experts"),
+    # transformers' Mixtral has bias-free attention projections; sliding windows are not implemented
+    ("mixtral-attention-bias", "tiny-mixtral", dict(attention_bias=True), "attention_bias"),
+    ("sliding-window", "tiny-mixtral", dict(extra={"sliding_window": 4}), "sliding_window"),
 ]
 
 
@@ -98,6 +108,22 @@ def test_from_hf_bad_rope_scaling():
         ModelConfig.from_hf(raw)
     raw["rope_scaling"] = "yarn"
     with pytest.raises(ValueError, match=r"\brope_scaling\b"):
+        ModelConfig.from_hf(raw)
+
+
+def test_from_hf_null_rope_theta_names_the_field():
+    raw = get_preset("tiny-v3").to_hf(style="hub")
+    raw["rope_theta"] = None
+    with pytest.raises(ValueError, match=r"ModelConfig.rope_theta: must be a number, got None"):
+        ModelConfig.from_hf(raw)
+
+
+def test_from_hf_accepts_a_sliding_window_that_covers_every_position():
+    raw = get_preset("tiny-mixtral").to_hf()
+    raw["sliding_window"] = raw["max_position_embeddings"]
+    assert ModelConfig.from_hf(raw).extra["sliding_window"] == raw["max_position_embeddings"]
+    raw["sliding_window"] = 4
+    with pytest.raises(ValueError, match=r"ModelConfig.sliding_window: sliding-window attention is not implemented"):
         ModelConfig.from_hf(raw)
 
 

@@ -203,6 +203,12 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 fail(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
+        def number(name: str, integer: bool = False) -> None:
+            """A type check before any comparison: null or a string would otherwise raise a bare TypeError."""
+            value = getattr(self, name)
+            if not isinstance(value, int if integer else (int, float)) or isinstance(value, bool):
+                fail(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+
         one_of("model_type", MODEL_TYPES)
         one_of("scoring_func", SCORING_FUNCS)
         one_of("topk_method", TOPK_METHODS)
@@ -210,6 +216,10 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings", "moe_layer_freq"):
             positive(name)
+        for name in ("rms_norm_eps", "rope_theta"):
+            number(name)
+        for name in ("first_k_dense_replace", "num_nextn_predict_layers"):
+            number(name, integer=True)
         if self.rms_norm_eps <= 0:
             fail("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
@@ -240,8 +250,15 @@ class ModelConfig:
             if self.gqa_head_dim % 2:
                 fail("head_dim", f"must be even (rope rotates pairs), got {self.gqa_head_dim}")
 
+        if self.model_type == "mixtral" and self.attention_bias:
+            fail("attention_bias", "Mixtral's attention projections have no biases (transformers would drop them)")
+        window = self.extra.get("sliding_window")
+        if window is not None and (not isinstance(window, int) or window < self.max_position_embeddings):
+            fail("sliding_window", f"sliding-window attention is not implemented: only null or a window of at "
+                 f"least max_position_embeddings={self.max_position_embeddings}, got {window!r}")
+
         if self.is_moe:
-            self._validate_moe(fail, positive)
+            self._validate_moe(fail, positive, number)
         elif self.n_routed_experts is not None and self.n_routed_experts < 0:
             fail("n_routed_experts", f"must be positive or null, got {self.n_routed_experts}")
 
@@ -255,9 +272,11 @@ class ModelConfig:
                 if rs.get("factor") is not None and rs["factor"] <= 0:
                     fail("rope_scaling", f"factor must be > 0, got {rs['factor']}")
 
-    def _validate_moe(self, fail, positive) -> None:
+    def _validate_moe(self, fail, positive, number) -> None:
         for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
             positive(name)
+        number("n_shared_experts", integer=True)
+        number("routed_scaling_factor")
         if self.n_shared_experts < 0:
             fail("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
         if self.num_experts_per_tok > self.n_routed_experts:
@@ -395,9 +414,15 @@ def _rope_from_hf(raw: dict[str, Any], default_theta: float) -> dict[str, Any]:
     params = raw.get("rope_parameters")
     if isinstance(params, dict) and params:
         theta = params.get("rope_theta", raw.get("rope_theta", default_theta))
-        return {"rope_theta": float(theta), "rope_scaling": _normalise_rope_scaling(params)}
+        return {"rope_theta": _theta(theta), "rope_scaling": _normalise_rope_scaling(params)}
     theta = raw.get("rope_theta", default_theta)
     scaling = raw.get("rope_scaling")
     if scaling is not None and not isinstance(scaling, dict):
         raise ValueError(f"ModelConfig.rope_scaling: must be an object or null, got {scaling!r}")
-    return {"rope_theta": float(theta), "rope_scaling": _normalise_rope_scaling(scaling) if scaling else None}
+    return {"rope_theta": _theta(theta), "rope_scaling": _normalise_rope_scaling(scaling) if scaling else None}
+
+
+def _theta(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"ModelConfig.rope_theta: must be a number, got {value!r}")
+    return float(value)

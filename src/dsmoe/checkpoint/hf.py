@@ -18,7 +18,8 @@ from ..config import ModelConfig
 from ..files import atomic_write_text
 from ..model import Transformer
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPES, dequantize_blockwise, scale_shape
-from .names import MTP_SHARED_COPIES, checkpoint_has_mtp, hf_names, is_ignored_hf_name, mtp_layer
+from .names import (MTP_SHARED_COPIES, checkpoint_has_mtp, hf_names, is_ignored_hf_name, mtp_layer,
+                    mtp_layer_indices)
 from .shards import INDEX_NAME, SINGLE_NAME, CheckpointError, ShardReader, parse_size, write_shards
 
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -119,8 +120,9 @@ def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Te
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"{reader.directory}: missing tensor {', '.join(missing[:3])}{more}")
     wanted = {hf for names in plan.values() for hf in names}
+    mtp_layers = mtp_layer_indices(config, present)
     for hf in sorted(present - wanted):
-        if not is_ignored_hf_name(config, hf, with_mtp):
+        if not is_ignored_hf_name(config, hf, with_mtp, mtp_layers):
             raise CheckpointError(f"unexpected tensor {hf!r} in {reader.directory / reader.file_of[hf]} "
                                   f"(not part of a {config.model_type} model with this config.json)")
     return plan
@@ -146,10 +148,16 @@ def _check_tensor(reader: ShardReader, hf: str, shape: tuple[int, ...], present:
 
 def _read(reader: ShardReader, hf: str, dtype: torch.dtype, block: tuple[int, int]) -> torch.Tensor:
     t = reader.get(hf)
+    where = reader.directory / reader.file_of[hf]
     if reader.dtype(hf) in FP8_DTYPES:
-        return dequantize_blockwise(t, reader.get(hf + "_scale_inv"), dtype, block)
+        # checked after dequantisation: an FP8 NaN code or an inf / NaN in the block scales both end up here
+        t = dequantize_blockwise(t, reader.get(hf + "_scale_inv"), dtype, block)
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"FP8 tensor {hf!r} in {where} dequantises to NaN or inf values "
+                                  f"(check it and {hf + '_scale_inv'!r})")
+        return t
     if not torch.isfinite(t).all():
-        raise CheckpointError(f"tensor {hf!r} in {reader.directory / reader.file_of[hf]} holds NaN or inf values")
+        raise CheckpointError(f"tensor {hf!r} in {where} holds NaN or inf values")
     return t.to(dtype)
 
 

@@ -111,20 +111,37 @@ def hf_names(config: ModelConfig, ours: str) -> list[str]:
     return [hf]
 
 
-def is_ignored_hf_name(config: ModelConfig, name: str, with_mtp: bool) -> bool:
+def mtp_layer_indices(config: ModelConfig, names: set[str]) -> set[int]:
+    """Indices past num_hidden_layers of the DeepSeek-V3 MTP modules a checkpoint holds (judged by eh_proj)."""
+    if config.model_type != "deepseek_v3":
+        return set()
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        if name.endswith(".eh_proj.weight") and parts[2].isdigit() and int(parts[2]) >= config.num_hidden_layers:
+            found.add(int(parts[2]))
+    return found
+
+
+def is_ignored_hf_name(config: ModelConfig, name: str, with_mtp: bool, mtp_layers: set[int]) -> bool:
     """Tensors a checkpoint may hold that the model does not need.
 
     - rotary `inv_freq` tables (older exports store them; we recompute);
     - FP8 scales, consumed together with their weight;
     - the MTP layers' copies of the shared embedding and head;
-    - all of the MTP layers, `model.layers.{num_hidden_layers + k}.*`, when the model is built without
-      them (transformers' DeepseekV3ForCausalLM drops them the same way).
+    - all of the MTP layers (`mtp_layers`, see mtp_layer_indices) when the model is built without them
+      (transformers' DeepseekV3ForCausalLM drops them the same way);
+    - `lm_head.weight` of a model with tied embeddings (the head is the embedding; transformers ignores it too).
+    Any other layer at or past num_hidden_layers is not ignored: a config.json that declares fewer layers
+    than the checkpoint holds must fail, not load a truncated model.
     """
     if name.endswith("rotary_emb.inv_freq") or name.endswith("_scale_inv"):
         return True
+    if config.tie_word_embeddings and name == "lm_head.weight":
+        return True
     if name.startswith("model.layers."):
         layer, rest = name.split(".", 3)[2:]
-        if layer.isdigit() and int(layer) >= config.num_hidden_layers:
+        if layer.isdigit() and int(layer) in mtp_layers:
             return not with_mtp or rest in MTP_SHARED_COPIES.values()
     return False
 

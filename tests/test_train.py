@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import dsmoe
 from dsmoe.presets import get_preset
 from dsmoe.train import checkpoint as ckpt
-from dsmoe.train.loop import TrainConfig, TrainingError, train
+from dsmoe.train.loop import TrainConfig, TrainingError, learning_rate, parameter_groups, train
 from dsmoe.train.metrics import read_metrics
 from dsmoe.train.objective import BalanceSettings, compute_losses
 
@@ -173,3 +173,37 @@ def test_resume_refuses_changed_shape_and_fresh_run_refuses_existing(corpus, tmp
         train(TrainConfig(preset="tiny-v1", steps=8, data=corpus, out=out, **SMALL))
     with pytest.raises(TrainingError, match="--batch-size"):
         train(TrainConfig(preset="tiny-v1", steps=8, data=corpus, out=out, resume=True, **(SMALL | {"batch_size": 2})))
+
+
+@pytest.mark.parametrize("steps,warmup", [(800, 50), (25, 20), (10, 0), (3, 1)])
+def test_learning_rate_reaches_peak_and_floor(steps, warmup):
+    cfg = TrainConfig(steps=steps, warmup=warmup)
+    lrs = [learning_rate(cfg, s) for s in range(steps)]
+    assert lrs[-1] == pytest.approx(cfg.min_lr_ratio * cfg.lr)
+    if warmup:
+        assert lrs[warmup - 1] == pytest.approx(cfg.lr)
+    assert max(lrs) <= cfg.lr * (1 + 1e-12)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # decays monotonically after warmup
+
+
+def test_norm_gains_are_not_weight_decayed():
+    model = dsmoe.Transformer(get_preset("tiny-v3"))
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
+    assert any("norm" in names[id(p)] for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_router_stays_fp32_under_bf16_autocast():
+    """bf16 training runs the model under autocast, which would make the router's linear bf16 and flip picks."""
+    model = dsmoe.Transformer(get_preset("tiny-v3"))
+    moe = model.moe_layers()[0]
+    x = torch.randn(64, model.config.hidden_size)
+    reference = moe.gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = moe.gate(x)
+    assert routed.logits.dtype == routed.scores.dtype == routed.weights.dtype == torch.float32
+    assert torch.equal(routed.indices, reference.indices)
+    torch.testing.assert_close(routed.weights, reference.weights)

@@ -53,7 +53,12 @@ class Router(nn.Module):
         self.bias = nn.Buffer(torch.zeros(self.n_experts, dtype=torch.float32)) if self.method == "noaux_tc" else None
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.float(), self.weight.float())  # (T, E)
+        # Autocast (bf16 training) would run this linear in bf16: routing decisions and the balance losses
+        # want fp32 scores (V3 section 3.3.1 keeps the gating in full precision).
+        with torch.autocast(x.device.type, enabled=False):
+            return self._route(F.linear(x.float(), self.weight.float()))  # logits (T, E)
+
+    def _route(self, logits: torch.Tensor) -> Routing:
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         choice = scores if self.bias is None else scores + self.bias
         if self.group_limited:

@@ -67,11 +67,20 @@ class TrainConfig:
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr at the last step."""
+    """Linear warmup reaching lr at step warmup - 1, then a cosine decay reaching min_lr_ratio * lr at the
+    last step, steps - 1."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = (step - cfg.warmup + 1) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: matrices (and stacked experts) decay; norm gains and biases (1-D) do not, as in
+    Megatron-LM and nanoGPT: decaying an RMSNorm gain pulls it toward 0, not toward its initial 1."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda event: None,
@@ -124,7 +133,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     settings = BalanceSettings.paper_defaults(model.config, **cfg.balance)
     if "aux_free" in settings.schemes and not any(m.gate.bias is not None for m in model.moe_layers()):
         raise ValueError("--balance aux_free needs a model whose routers have a correction bias (topk_method noaux_tc)")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     if cfg.resume:
         saved = state["optimizer"]
         if info.distributed:

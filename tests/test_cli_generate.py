@@ -52,6 +52,7 @@ def test_generate_streams_the_library_output(model_dir):
     ("broken_tokenizer", ["--model", "{dir}"], "not a valid tokenizer.json"),
     ("broken_weights", ["--model", "{dir}"], "damaged or not a safetensors file"),
     ("copy", ["--model", "{dir}", "--temperature", "-1"], "temperature"),
+    ("copy", ["--model", "{dir}", "--temperature", "nan"], "temperature"),
 ])
 def test_generate_errors_are_one_line(model_dir, tmp_path, setup, args, message):
     import shutil

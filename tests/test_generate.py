@@ -138,6 +138,9 @@ def test_sampling_is_seeded_and_filters():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
     (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"), (dict(max_new_tokens=5000), "max_position_embeddings"),
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(top_p=float("nan")), "top_p"), (dict(eos_token_id=1.5), "eos_token_id"),
+    (dict(eos_token_id="1"), "eos_token_id"),
 ])
 def test_bad_generation_arguments(kwargs, match):
     model = _model("tiny-v1")
@@ -167,6 +170,31 @@ def test_speculative_accepts_a_perfect_drafter():
     spec = generate(model, prompt, 11, speculative=True, stats=stats)
     assert torch.equal(spec, generate(model, prompt, 11))
     assert stats.acceptance_rate == 1.0 and stats.drafted == 5
+
+
+def test_tiny_temperature_samples_the_greedy_token():
+    """logits / 1e-45 overflows to inf - inf = NaN unless the best logit is subtracted first."""
+    model = _model("tiny-mixtral")
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(generate(model, prompt, 6, temperature=1e-45, seed=0), generate(model, prompt, 6))
+
+
+def test_empty_eos_list_means_no_early_stop():
+    model = _model("tiny-v1")
+    prompt = torch.tensor([[1, 2, 3]])
+    assert torch.equal(generate(model, prompt, 5, eos_token_id=[]), generate(model, prompt, 5))
+
+
+def test_float_prompt_tensor_is_rejected_not_truncated():
+    with pytest.raises(ValueError, match="integer tensor"):
+        generate(_model("tiny-v1"), torch.tensor([[1.7, 2.9]]), 2)
+
+
+def test_speculative_may_fill_every_position():
+    """Speculative decoding needs no spare cache slot: prompt + new tokens may reach max_position_embeddings."""
+    model = _model("tiny-v3", max_position_embeddings=24)
+    prompt = torch.tensor([[5, 6, 7]])
+    assert torch.equal(generate(model, prompt, 21, speculative=True), generate(model, prompt, 21))
 
 
 def test_speculative_needs_mtp_and_greedy():

@@ -8,6 +8,7 @@ row decodes the same tokens as that prompt alone.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """logits (B, V) -> token ids (B,). Greedy at temperature 0. No host synchronisation."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # The best logit becomes 0 before the division, so a tiny temperature gives -inf for the others, never
+    # inf - inf = NaN.
+    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -57,8 +60,8 @@ def _check_args(max_new_tokens: int, temperature: float, top_k: int | None,
                 top_p: float | None) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -68,7 +71,7 @@ def _check_args(max_new_tokens: int, temperature: float, top_k: int | None,
 def _batch_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) tensor or lists of different lengths -> left-padded (B, T) ids and pad counts (or None)."""
     if isinstance(input_ids, torch.Tensor):
-        return input_ids.long(), None  # shape, range: model.check_input in stream()
+        return input_ids, None  # dtype, shape, range: model.check_input in stream(), before .long()
     prompts = [list(p) for p in input_ids]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -81,9 +84,14 @@ def _batch_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> tuple[t
 
 
 def _eos_set(eos_token_id: int | Sequence[int] | None) -> torch.Tensor | None:
+    """The stop ids as a tensor; None (never stop early) for None or an empty list."""
     if eos_token_id is None:
         return None
-    return torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
+    return torch.tensor(list(ids), dtype=torch.long) if ids else None
 
 
 @torch.no_grad()
@@ -102,8 +110,9 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
     _check_args(max_new_tokens, temperature, top_k, top_p)
     ids, pad = _batch_prompts(input_ids)
     model.check_input(ids, 0)
+    ids = ids.long()
     B, T = ids.shape
-    capacity = T + max_new_tokens + (1 if speculative else 0)
+    capacity = T + max_new_tokens  # speculative steps never write past the last emitted token's slot either
     if capacity > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings={model.config.max_position_embeddings}")

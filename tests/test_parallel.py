@@ -220,6 +220,20 @@ def _check_save_and_resume(model, opt, ref, ref_opt, next_batch, info: ParallelI
 
 # ---------------------------------------------------------------------------------------------- workers
 
+def _check_frozen_experts_keep_their_shards(info: ParallelInfo, name: str) -> None:
+    """broadcast_parameters picks expert shards by name: frozen ones must not be overwritten by rank 0's."""
+    torch.manual_seed(0)
+    full = Transformer(_config(name))
+    model = copy.deepcopy(full)
+    shard_experts(model, info)
+    for moe in model.moe_layers():
+        moe.experts.requires_grad_(False)
+    broadcast_parameters(model, info)
+    C = full.config.n_routed_experts // info.ep_size
+    for ours, ref in zip(model.moe_layers(), full.moe_layers(), strict=True):
+        assert torch.equal(ours.experts.w1, ref.experts.w1[info.ep_rank * C:(info.ep_rank + 1) * C])
+
+
 def _two_process_worker(rank: int, out: str) -> None:
     ep2 = make_groups(2, n_experts=8)  # ep 2 x dp 1
     dp2 = make_groups(1)  # ep 1 x dp 2: plain data parallelism
@@ -228,6 +242,7 @@ def _two_process_worker(rank: int, out: str) -> None:
     for name in ("tiny-v3", "tiny-mixtral"):
         _check_forward_backward(ep2, name)
     _check_forward_backward(ep2, "tiny-v3", skew=True)
+    _check_frozen_experts_keep_their_shards(ep2, "tiny-mixtral")
     _check_training(ep2, "tiny-v3", save_to=Path(out))
     _check_training(ep2, "tiny-mixtral", steps=2)
     _check_training(dp2, "tiny-v3", steps=2)

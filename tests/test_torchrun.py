@@ -81,3 +81,12 @@ def test_generate_with_sharded_experts_equals_one_process(tmp_path, monkeypatch)
                          capture_output=True, text=True, env=env, timeout=120)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert two.stdout == one.stdout and one.stdout.strip()
+    # Without --ep the ranks are plain replicas: nothing is sharded, so even --speculative works
+    greedy = ["-m", "dsmoe", "generate", "--model", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "8",
+              "--speculative"]
+    one = subprocess.run([sys.executable, *greedy], capture_output=True, text=True, env=env, timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), *greedy],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()

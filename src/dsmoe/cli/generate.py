@@ -55,7 +55,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     model = load_pretrained(directory, dtype=dtype)
     info = parallel.init_distributed(args.ep, model.config.n_routed_experts)
     sync = None
-    if info.distributed:
+    if info.ep_size > 1:  # pure data-parallel replicas (no --ep) just generate the same text independently
         parallel.shard_experts(model, info)
         sync = lambda t: parallel.broadcast_from_main(t, info)  # noqa: E731
     out = sys.stdout if info.is_main else open(os.devnull, "w")

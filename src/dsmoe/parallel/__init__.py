@@ -2,7 +2,8 @@
 
 The model code stays single-device; this package patches a built model (`shard_experts` swaps each MoE
 layer's experts for an all-to-all version with the same forward signature) and supplies the collectives
-a training loop calls around an unchanged forward / backward. gloo on CPU, NCCL when CUDA is available.
+a training loop calls around an unchanged forward / backward. gloo for CPU tensors (what dsmoe's CLI uses);
+NCCL for callers that keep the model on the GPU (`init_distributed(..., backend="nccl")`, untested here).
 
 A training step under `torchrun --nproc_per_node N -m dsmoe train ... --ep EP`:
 
@@ -29,13 +30,13 @@ A training step under `torchrun --nproc_per_node N -m dsmoe train ... --ep EP`:
 from .data import (all_reduce_gradients, broadcast_from_main, broadcast_parameters, clip_grad_norm,
                    global_expert_loads, mean_over_world, split_batch)
 from .expert import ExpertParallelExperts, ShardPlan, all_to_all, max_ranks_per_token, shard_experts
-from .groups import ParallelInfo, barrier, default_backend, destroy, init_distributed, make_groups
+from .groups import ParallelInfo, barrier, destroy, init_distributed, make_groups
 from .plan import ep_plan, rank_hit_probabilities
 from .state import (all_gather_experts, full_optimizer_state, full_state_dict, shard_optimizer_state,
                     unshard_experts)
 
 __all__ = [
-    "ParallelInfo", "init_distributed", "make_groups", "default_backend", "barrier", "destroy",
+    "ParallelInfo", "init_distributed", "make_groups", "barrier", "destroy",
     "ExpertParallelExperts", "ShardPlan", "shard_experts", "all_to_all", "max_ranks_per_token",
     "broadcast_parameters", "all_reduce_gradients", "clip_grad_norm", "global_expert_loads", "split_batch",
     "mean_over_world", "broadcast_from_main",

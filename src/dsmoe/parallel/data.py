@@ -85,10 +85,13 @@ def broadcast_parameters(model: nn.Module, info: ParallelInfo) -> None:
     A safety net: a model built from the same seed or checkpoint on every rank is identical already."""
     if not info.distributed:
         return
-    replicated, expert = _split_parameters(model)
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    experts = {id(p) for p in expert}
-    for t in [*replicated, *(p for p in frozen if id(p) not in experts), *model.buffers()]:
+    # Experts by name, trainable or frozen: a frozen shard broadcast from rank 0 would overwrite every rank's
+    # experts with rank 0's (same shape, so nothing would fail).
+    names = expert_parameter_names(model)
+    expert, replicated = [], []
+    for name, p in model.named_parameters():
+        (expert if name in names else replicated).append(p)
+    for t in [*replicated, *model.buffers()]:
         dist.broadcast(t.data, src=0)
     if info.dp_group is not None:
         src = info.dp_ranks()[0]

@@ -74,24 +74,23 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
-def default_backend() -> str:
-    """NCCL when CUDA is available, gloo otherwise."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def init_distributed(ep: int = 1, n_experts: int | None = None) -> ParallelInfo:
+def init_distributed(ep: int = 1, n_experts: int | None = None, backend: str = "gloo") -> ParallelInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
     and build the EP / DP groups with `make_groups(ep, n_experts)`.
 
     Not launched by torchrun (or WORLD_SIZE=1): returns the single-process info; ep must then be 1.
-    Backend: NCCL if CUDA is available (and cuda:LOCAL_RANK becomes the current device), gloo otherwise.
+    backend: "gloo" for tensors on the CPU, which is where `dsmoe train` and `dsmoe generate` keep the model
+    (even on a machine with GPUs: NCCL cannot reduce CPU tensors); "nccl" for a caller that keeps its model
+    and batches on cuda:LOCAL_RANK (made the current device here). The NCCL path is untested: no GPU was
+    available to this project's test machines.
     Calling it again once the group exists just rebuilds the groups.
     """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     world = _env_int("WORLD_SIZE", 1)
     if not dist.is_initialized() and world <= 1:
         return make_groups(ep, n_experts)
     if not dist.is_initialized():
-        backend = default_backend()
         local_rank = _env_int("LOCAL_RANK", 0)
         if backend == "nccl":
             torch.cuda.set_device(local_rank)

@@ -172,8 +172,13 @@ def test_kv_cache_figures() -> None:
     """V2 Table 1: MLA caches (d_c + d_h^R) per layer = 512 + 64; GQA caches 2 * n_kv * d_h per layer."""
     v3, v2 = arch_stats(get_preset("deepseek-v3")), arch_stats(get_preset("deepseek-v2"))
     assert v3.kv_cache_per_token == 576 * 61 and v3.kv_cache_bytes_per_token == 2 * 576 * 61
-    assert v3.mha_kv_cache_per_token == 128 * (192 + 128) * 61
+    assert v3.mha_kv_cache_per_token == 2 * 128 * 128 * 61
     assert v2.kv_cache_per_token == 576 * 60
+    # Table 1: MLA = (d_c + d_h^R) l = 4.5 d_h l against MHA's 2 n_h d_h l (n_h = 128): 2.25 GQA groups
+    assert v2.kv_cache_per_token / 60 == 2.25 * 2 * 128 and v2.kv_cache_ratio == pytest.approx(128 / 2.25)
+    # Appendix (MLA vs MHA): the small MoE (V2-Lite's shape: 27 layers, 16 heads) caches 15.6K vs 110.6K
+    lite = arch_stats(get_preset("deepseek-v2-lite"))
+    assert round(lite.kv_cache_per_token / 100) == 156 and round(lite.mha_kv_cache_per_token / 100) == 1106
     mixtral = arch_stats(get_preset("mixtral-8x7b"))
     assert mixtral.kv_cache_per_token == 2 * 8 * 128 * 32 and mixtral.mha_kv_cache_per_token == 2 * 32 * 128 * 32
     assert mixtral.kv_cache_ratio == 4.0

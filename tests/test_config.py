@@ -70,6 +70,10 @@ INVALID = [
     # transformers' Mixtral has bias-free attention projections; sliding windows are not implemented
     ("mixtral-attention-bias", "tiny-mixtral", dict(attention_bias=True), "attention_bias"),
     ("sliding-window", "tiny-mixtral", dict(extra={"sliding_window": 4}), "sliding_window"),
+    # a string where a boolean belongs would be truthy ("false")
+    ("tie-string", "tiny-mixtral", dict(tie_word_embeddings="no"), "tie_word_embeddings"),
+    ("norm_topk_prob-string", "tiny-v2", dict(norm_topk_prob="false"), "norm_topk_prob"),
+    ("attention_bias-null", "tiny-v3", dict(attention_bias=None), "attention_bias"),
 ]
 
 

@@ -29,8 +29,9 @@ What is counted (mirrors src/dsmoe/model):
                     about half of the attention term at context = L.
 * KV cache          elements per token over all layers. MLA caches the latent and the shared rope key,
                     (kv_lora_rank + qk_rope_head_dim) per layer; GQA caches K and V, 2 * kv_heads * head_dim.
-                    The MHA equivalent is what full per-head K and V would take: MLA's decompressed keys
-                    and values, heads * (qk_head_dim + v_head_dim); GQA with kv_heads = heads.
+                    The MHA equivalent is V2's Table 1 baseline, 2 * heads * d_h per layer with d_h the
+                    per-head width (qk_nope_head_dim; the decoupled rope key is MLA's own addition);
+                    GQA with kv_heads = heads.
 """
 
 from __future__ import annotations
@@ -158,11 +159,12 @@ def kv_cache_per_token(config: ModelConfig) -> int:
 
 
 def mha_kv_cache_per_token(config: ModelConfig) -> int:
-    """What an MHA model with the same heads caches: MLA's decompressed per-head K (qk_head_dim wide,
-    rope part included) and V; for GQA, K and V for every query head."""
+    """What an MHA model with the same heads caches, as DeepSeek-V2's Table 1 counts it: 2 * n_h * d_h per
+    layer, d_h = qk_nope_head_dim for MLA (128 in V2/V3: MLA's 576 per layer is then 2.25 groups of GQA and
+    1/56.9 of MHA); for GQA, K and V for every query head."""
     heads = config.num_attention_heads
     if config.uses_mla:
-        per_layer = heads * (config.qk_head_dim + config.v_head_dim)
+        per_layer = 2 * heads * config.qk_nope_head_dim
     else:
         per_layer = 2 * heads * config.gqa_head_dim
     return per_layer * config.num_hidden_layers

@@ -203,6 +203,10 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 fail(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
+        def boolean(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):  # "false" from a hand-edited config.json is truthy
+                fail(name, f"must be true or false, got {getattr(self, name)!r}")
+
         def number(name: str, integer: bool = False) -> None:
             """A type check before any comparison: null or a string would otherwise raise a bare TypeError."""
             value = getattr(self, name)
@@ -216,6 +220,8 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings", "moe_layer_freq"):
             positive(name)
+        for name in ("rope_interleave", "attention_bias", "tie_word_embeddings", "norm_topk_prob", "seq_aux"):
+            boolean(name)
         for name in ("rms_norm_eps", "rope_theta"):
             number(name)
         for name in ("first_k_dense_replace", "num_nextn_predict_layers"):

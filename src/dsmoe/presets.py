@@ -28,7 +28,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         first_k_dense_replace=1, scoring_func="softmax", topk_method="group_limited_greedy",
         n_group=8, topk_group=3, norm_topk_prob=False, routed_scaling_factor=16.0,
         rope_scaling={"type": "yarn", "mscale": 0.707, "mscale_all_dim": 0.707, **_YARN_40},
-        aux_loss_alpha=0.003, seq_aux=True, bos_token_id=100000, eos_token_id=100001),
+        aux_loss_alpha=0.001, seq_aux=True, bos_token_id=100000, eos_token_id=100001),
     # deepseek-ai/DeepSeek-V2-Lite (no query compression)
     "deepseek-v2-lite": dict(
         model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,

@@ -26,6 +26,7 @@ CASES = {
                                           rope_parameters=YARN)),
     "v3-plain-nogroups": ("DeepseekV3", dict(_MLA, q_lora_rank=24, n_shared_experts=1, n_group=1, topk_group=1,
                                              norm_topk_prob=False)),
+    "v3-no-shared": ("DeepseekV3", dict(_MLA, q_lora_rank=24, n_shared_experts=0, n_group=2, topk_group=1)),
     "v3-rotate-half": ("DeepseekV3", dict(_MLA, q_lora_rank=None, n_shared_experts=2, n_group=2, topk_group=1,
                                           rope_interleave=False)),
     "mixtral": ("Mixtral", dict(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=2,

@@ -188,3 +188,23 @@ def test_sorted_dispatch_backward_has_no_per_expert_slices():
     names = _graph_nodes(sorted_dispatch(*args).grad_fn)
     assert "SplitWithSizesBackward0" in names and "UnbindBackward0" in names
     assert not names & {"SliceBackward0", "SelectBackward0"}, names
+
+
+@pytest.mark.parametrize("name,norm,expected_sum", [
+    ("tiny-v2", True, 1.0),     # DeepSeek-V2's gate: renormalise OR scale
+    ("tiny-v2", False, None),   # not renormalised: scores x scaling
+    ("tiny-v3", True, 16.0),    # DeepSeek-V3's gate: renormalise, then scale
+])
+def test_gate_weights_follow_each_reference_gate(name, norm, expected_sum):
+    from dsmoe.model.moe import Router
+
+    config = ModelConfig(**{**PRESETS[name], "norm_topk_prob": norm, "routed_scaling_factor": 16.0,
+                            "num_experts_per_tok": 3})
+    torch.manual_seed(0)
+    router = Router(config)
+    torch.nn.init.normal_(router.weight)
+    r = router(torch.randn(5, config.hidden_size))
+    if expected_sum is None:
+        torch.testing.assert_close(r.weights, 16.0 * r.scores.gather(1, r.indices))
+    else:
+        torch.testing.assert_close(r.weights.sum(dim=-1), torch.full((5,), expected_sum))

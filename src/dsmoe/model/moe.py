@@ -34,7 +34,7 @@ class Router(nn.Module):
       noaux_tc              V3: a per-expert bias (e_score_correction_bias) is added for selection only;
                             a group is scored by the sum of its top-2 biased scores (V3 section 2.1.2).
     The gate weights are the unbiased scores at the picks, normalised if norm_topk_prob, then times
-    routed_scaling_factor.
+    routed_scaling_factor (V2: only when not normalised, as its reference gate does).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -48,6 +48,9 @@ class Router(nn.Module):
         self.topk_group = config.topk_group or 1
         self.normalise = config.renormalise_topk
         self.scaling = config.routed_scaling_factor
+        # DeepSeek-V2's gate renormalises OR scales (its MoEGate: normalise if top_k > 1 and norm_topk_prob,
+        # else multiply by routed_scaling_factor); V3's does both. Published V2 configs never renormalise.
+        self.scale_after_normalising = config.model_type != "deepseek_v2"
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         # Only V3-style routing has a correction bias; it is a buffer (updated by the balancer, not SGD).
         self.bias = nn.Buffer(torch.zeros(self.n_experts, dtype=torch.float32)) if self.method == "noaux_tc" else None
@@ -67,7 +70,9 @@ class Router(nn.Module):
         weights = scores.gather(1, indices)
         if self.normalise:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(weights * self.scaling, indices, scores, logits)
+        if self.scale_after_normalising or not self.normalise:
+            weights = weights * self.scaling
+        return Routing(weights, indices, scores, logits)
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Mask every expert outside the topk_group best groups."""

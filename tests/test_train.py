@@ -207,3 +207,55 @@ def test_router_stays_fp32_under_bf16_autocast():
     assert routed.logits.dtype == routed.scores.dtype == routed.weights.dtype == torch.float32
     assert torch.equal(routed.indices, reference.indices)
     torch.testing.assert_close(routed.weights, reference.weights)
+
+
+def test_damaged_trainer_state_names_the_file_and_the_fallback(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(preset="tiny-v1", steps=4, save_every=2, data=corpus, out=out, **SMALL))
+    state = out / "current" / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    resume = TrainConfig(preset="tiny-v1", steps=6, save_every=2, data=corpus, out=out, resume=True, **SMALL)
+    with pytest.raises(TrainingError, match=r"trainer_state.pt: trainer state unreadable.*ln -sfn step-000002"):
+        train(resume)
+    state.unlink()
+    with pytest.raises(TrainingError, match=r"trainer state missing.*ln -sfn step-000002"):
+        train(resume)
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = _cli(*_args(corpus, out, 400), background=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "current").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "dsmoe: interrupted" and "Traceback" not in stderr
+    _, state = ckpt.load_checkpoint(out)
+    assert state["step"] % 4 == 0 and state["step"] > 0
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(seq_len=4096), r"the (training|validation) split of --data .* fewer than one window of \d+ \(--seq-len 4096"),
+    (dict(out="FILE"), r"--out .*FILE: .*FILE exists and is not a directory"),
+    (dict(preset="tiny-v2", balance={"schemes": ("device",), "devices": 3}), r"--devices 3 must divide"),
+])
+def test_bad_settings_fail_before_anything_is_written(corpus, tmp_path, change, message):
+    (tmp_path / "FILE").write_text("x")
+    out = tmp_path / change.pop("out", "run")
+    cfg = TrainConfig(**{"preset": "tiny-v1", "steps": 2, "data": corpus, "out": out, **SMALL, **change})
+    with pytest.raises((TrainingError, ValueError), match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_resume_refuses_a_corpus_with_another_tokenizer(corpus, tmp_path):
+    import inspect
+
+    out, other = tmp_path / "run", tmp_path / "other"
+    other.mkdir()
+    (other / "text.py").write_text(inspect.getsource(pytest) * 3)
+    train(TrainConfig(preset="tiny-v1", steps=2, save_every=2, data=corpus, out=out, **SMALL))
+    with pytest.raises(TrainingError, match="gives another tokenizer"):
+        train(TrainConfig(preset="tiny-v1", steps=4, data=other, out=out, resume=True, **SMALL))

@@ -9,6 +9,7 @@ status 2.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from .bench import _add_bench
@@ -36,3 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except (CLIError, ValueError, OSError) as err:
         _fail(str(err))
+    except KeyboardInterrupt:
+        # one line, no traceback; a training run keeps every checkpoint it completed (resume with --resume)
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

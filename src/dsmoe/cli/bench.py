@@ -61,7 +61,8 @@ def _print_bench(result: dict) -> None:
     from rich.table import Table
 
     m, mach = result["model"], result["machine"]
-    console = Console()
+    # Redirected to a file, rich would squeeze the table into 80 columns and cut the figures.
+    console = Console(width=None if sys.stdout.isatty() else 200)
     table = Table(title=f"dsmoe vs transformers: DeepSeek-V3 shape, {format_count(m['total_params'])} params "
                         f"({format_count(m['activated_params'])} activated), torch {mach['torch']}, "
                         f"{mach['threads']} threads", title_justify="left")

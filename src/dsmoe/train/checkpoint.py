@@ -62,13 +62,27 @@ def save_checkpoint(out: Path, model: Transformer, tokenizer_json: str, state: d
     return final
 
 
+class DamagedCheckpoint(ValueError):
+    """The current checkpoint exists but its trainer state cannot be read."""
+
+
 def load_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
-    """The current checkpoint's directory and trainer state, or FileNotFoundError."""
+    """The current checkpoint's directory and trainer state; FileNotFoundError when there is none,
+    DamagedCheckpoint (naming the file and the older checkpoints to fall back to) when it is unreadable."""
     current = out / CURRENT
-    if not (current / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{out}: no checkpoint to resume from (no {CURRENT}/{STATE_FILE})")
+    if not current.exists():
+        raise FileNotFoundError(f"{out}: no checkpoint to resume from (no {CURRENT})")
     directory = current.resolve()
-    return directory, torch.load(directory / STATE_FILE, weights_only=False)
+    path = directory / STATE_FILE
+    try:
+        return directory, torch.load(path, weights_only=False)
+    except Exception as err:  # missing, truncated, not a zip archive, unpickling errors: all mean unusable
+        reason = "missing" if not path.exists() else f"unreadable: {type(err).__name__}"
+        older = sorted(p.name for p in out.glob("step-*") if p.is_dir() and p != directory
+                       and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file())
+        fallback = (f"; to resume from an older checkpoint: ln -sfn {older[-1]} {current}" if older
+                    else "; no older checkpoint is left")
+        raise DamagedCheckpoint(f"{path}: trainer state {reason}{fallback}") from None
 
 
 def _point_current(out: Path, target: str) -> None:

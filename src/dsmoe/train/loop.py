@@ -62,8 +62,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -97,6 +97,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     if not info.is_main:
         on_event = lambda event: None  # noqa: E731 - one reporter per run
     # Settle the run directory first: a refused resume or an occupied --out fails before any corpus work.
+    _check_out_directory(cfg.out)
     state: dict[str, Any] = {"step": 0, "position": 0}
     if cfg.resume:
         ckpt_dir, state = _resume_state(cfg)
@@ -114,9 +115,22 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     tok = tokenizer.train_tokenizer(train_docs, vocab)
     if info.is_main:
         parallel.barrier(info)
+    if cfg.resume and (ckpt_dir / "tokenizer.json").is_file() and \
+            tokenizer.load_tokenizer(ckpt_dir).get_vocab() != tok.get_vocab():
+        raise TrainingError(f"--resume: the corpus at --data {cfg.data} gives another tokenizer than the run in "
+                            f"{cfg.out} was trained with (was --data changed?)")
     train_stream = data.encode_corpus(train_docs, tok)
     val_stream = data.encode_corpus(val_docs, tok)
     depth = model_config.num_nextn_predict_layers
+    # Both splits must hold one window before the first step: the validation split otherwise fails only at
+    # the first evaluation, possibly before any checkpoint.
+    for split, stream, need in (("training", train_stream, cfg.seq_len + 1 + depth),
+                                ("validation", val_stream, cfg.seq_len + 1)):
+        if len(stream) < need:
+            raise TrainingError(f"the {split} split of --data {cfg.data} has {len(stream)} tokens, fewer than one "
+                                f"window of {need} (--seq-len {cfg.seq_len} + 1"
+                                f"{f' + {depth} MTP' if split == 'training' and depth else ''}): add text or lower "
+                                "--seq-len")
     model_config = model_config.replace(
         vocab_size=tok.get_vocab_size(),
         max_position_embeddings=max(model_config.max_position_embeddings, cfg.seq_len + depth + 1))
@@ -131,6 +145,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         for warning in plan.warnings:
             on_event({"event": "status", "message": warning})
     settings = BalanceSettings.paper_defaults(model.config, **cfg.balance)
+    settings.check_model(model.config)
     if "aux_free" in settings.schemes and not any(m.gate.bias is not None for m in model.moe_layers()):
         raise ValueError("--balance aux_free needs a model whose routers have a correction bias (topk_method noaux_tc)")
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
@@ -230,7 +245,7 @@ def _load_record(loads: list[torch.Tensor], main_layers: int) -> dict[str, Any]:
 def _resume_state(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     try:
         directory, state = checkpoint.load_checkpoint(cfg.out)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, checkpoint.DamagedCheckpoint) as err:
         raise TrainingError(str(err)) from None
     saved = state.get("train_config", {})
     for name in ("preset", "batch_size", "seq_len", "seed"):  # the global batch; --ep may change
@@ -240,6 +255,15 @@ def _resume_state(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     if state["step"] >= cfg.steps:
         raise TrainingError(f"{cfg.out} is already at step {state['step']} (--steps {cfg.steps}): nothing to do")
     return directory, state
+
+
+def _check_out_directory(out: Path) -> None:
+    """--out, or its nearest existing ancestor, must be a directory (refused before any corpus work)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise TrainingError(f"--out {out}: {path} exists and is not a directory")
+            return
 
 
 def _describe_current(out: Path) -> str:

@@ -58,6 +58,13 @@ class BalanceSettings:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
+    def check_model(self, config: ModelConfig) -> None:
+        """Fail before the first step (ValueError naming the flag) when the device / comm losses cannot
+        group this model's experts into --devices equal parts."""
+        if config.is_moe and {"device", "comm"} & set(self.schemes) and config.n_routed_experts % self.devices:
+            raise ValueError(f"--devices {self.devices} must divide the model's {config.n_routed_experts} routed "
+                             "experts (the device and comm losses group them into equal devices)")
+
 
 @dataclass
 class StepLosses:

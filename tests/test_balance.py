@@ -214,9 +214,10 @@ def test_gradient_reaches_router_weight_not_bias():
 
 
 def test_no_grad_forward_keeps_routing_picks_but_not_scores():
-    """Generation and evaluation must not hold (T, E) fp32 scores and logits per layer after a forward."""
+    """Generation and evaluation (eval mode, no autograd) must not hold (T, E) fp32 scores and logits per
+    layer after a forward."""
     config = dsmoe.get_preset("tiny-v3").replace(num_hidden_layers=2, num_nextn_predict_layers=0)
-    model = dsmoe.Transformer(config)
+    model = dsmoe.Transformer(config).eval()
     moe = model.moe_layers()[0]
     ids = torch.randint(0, config.vocab_size, (2, 8))
     with torch.no_grad():

@@ -183,11 +183,17 @@ def test_empty_eos_list_means_no_early_stop():
     model = _model("tiny-v1")
     prompt = torch.tensor([[1, 2, 3]])
     assert torch.equal(generate(model, prompt, 5, eos_token_id=[]), generate(model, prompt, 5))
+    assert generate(model, prompt.tolist(), 5, eos_token_id=[]) == generate(model, prompt, 5).tolist()
 
 
-def test_float_prompt_tensor_is_rejected_not_truncated():
+def test_float_prompts_are_rejected_not_truncated():
+    model = _model("tiny-v1")
     with pytest.raises(ValueError, match="integer tensor"):
-        generate(_model("tiny-v1"), torch.tensor([[1.7, 2.9]]), 2)
+        generate(model, torch.tensor([[1.7, 2.9]]), 2)
+    with pytest.raises(ValueError, match="prompt 0 holds 1.7"):
+        generate(model, [[1.7, 2.9]], 2)
+    small = torch.tensor([[1, 2, 3]], dtype=torch.int16)  # any integer dtype is fine
+    assert torch.equal(generate(model, small, 2), generate(model, small.long(), 2))
 
 
 def test_speculative_may_fill_every_position():

@@ -9,6 +9,7 @@ row decodes the same tokens as that prompt alone.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -71,10 +72,17 @@ def _check_args(max_new_tokens: int, temperature: float, top_k: int | None,
 def _batch_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) tensor or lists of different lengths -> left-padded (B, T) ids and pad counts (or None)."""
     if isinstance(input_ids, torch.Tensor):
-        return input_ids, None  # dtype, shape, range: model.check_input in stream(), before .long()
+        # any integer dtype; floats would be truncated by .long() (shape and range: model.check_input)
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        return input_ids.long(), None
     prompts = [list(p) for p in input_ids]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    for row, p in enumerate(prompts):
+        bad = next((t for t in p if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
+        if bad is not None:
+            raise ValueError(f"prompt {row} holds {bad!r}: token ids must be integers")
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, p in enumerate(prompts):
@@ -110,7 +118,6 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
     _check_args(max_new_tokens, temperature, top_k, top_p)
     ids, pad = _batch_prompts(input_ids)
     model.check_input(ids, 0)
-    ids = ids.long()
     B, T = ids.shape
     capacity = T + max_new_tokens  # speculative steps never write past the last emitted token's slot either
     if capacity > model.config.max_position_embeddings:
@@ -226,7 +233,8 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
     out = torch.cat([torch.zeros(len(input_ids), 0, dtype=torch.long), *new], dim=1)
     if isinstance(input_ids, torch.Tensor):
         return torch.cat((input_ids.long(), out), dim=1)
-    eos = set() if eos_token_id is None else set(_eos_set(eos_token_id).tolist())
+    stops = _eos_set(eos_token_id)
+    eos = set() if stops is None else set(stops.tolist())
     result = []
     for prompt, row in zip(input_ids, out.tolist()):
         end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))  # through the first EOS

@@ -111,17 +111,17 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(config.hidden_size, config.shared_intermediate_size)
                                if config.n_shared_experts else None)
         self.dispatch = "sorted"  # "loop" selects the reference path (same results, slower)
-        # The last forward's routing, for balance losses and load metrics. Only a forward that records
-        # gradients keeps the (T, E) scores and logits (the losses differentiate them); without autograd
-        # (generation, evaluation) they are dropped, so a long prefill does not hold two fp32 (T, E)
-        # tensors per layer after it returns.
+        # The last forward's routing, for balance losses and load metrics. A forward in eval mode without
+        # autograd (generation, evaluation) keeps only the picks and weights, not the (T, E) scores and
+        # logits the balance losses need: a long prefill then holds no two fp32 (T, E) tensors per layer.
         self.last_routing: Routing | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (T, D)
         routing = self.gate(flat)
-        self.last_routing = routing if torch.is_grad_enabled() else routing._replace(scores=None, logits=None)
+        keep = torch.is_grad_enabled() or self.training
+        self.last_routing = routing if keep else routing._replace(scores=None, logits=None)
         y = self.experts(flat, routing, self.dispatch)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)

@@ -70,7 +70,7 @@ def load_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
     """The current checkpoint's directory and trainer state; FileNotFoundError when there is none,
     DamagedCheckpoint (naming the file and the older checkpoints to fall back to) when it is unreadable."""
     current = out / CURRENT
-    if not current.exists():
+    if not current.exists() and not current.is_symlink():  # a dangling link is a damaged checkpoint below
         raise FileNotFoundError(f"{out}: no checkpoint to resume from (no {CURRENT})")
     directory = current.resolve()
     path = directory / STATE_FILE
@@ -78,7 +78,7 @@ def load_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
         return directory, torch.load(path, weights_only=False)
     except Exception as err:  # missing, truncated, not a zip archive, unpickling errors: all mean unusable
         reason = "missing" if not path.exists() else f"unreadable: {type(err).__name__}"
-        older = sorted(p.name for p in out.glob("step-*") if p.is_dir() and p != directory
+        older = sorted(p.name for p in out.glob("step-*") if p.is_dir() and p.name != directory.name
                        and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file())
         fallback = (f"; to resume from an older checkpoint: ln -sfn {older[-1]} {current}" if older
                     else "; no older checkpoint is left")

@@ -67,11 +67,13 @@ class TrainConfig:
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup reaching lr at step warmup - 1, then a cosine decay reaching min_lr_ratio * lr at the
-    last step, steps - 1."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup + 1) / max(1, cfg.steps - cfg.warmup)
+    """Linear warmup reaching lr at its last step (step 0 without warmup), then a cosine decay reaching
+    min_lr_ratio * lr at the last step, steps - 1. A warmup of `steps` or more is cut to steps - 1."""
+    warmup = min(cfg.warmup, cfg.steps - 1)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    peak = max(warmup - 1, 0)  # the step that ran at lr
+    progress = (step - peak) / max(1, cfg.steps - 1 - peak)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -81,6 +83,22 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def _upgrade_optimizer_state(saved: dict[str, Any], model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A checkpoint from before `parameter_groups` holds one AdamW group over model.parameters(): re-index
+    its per-parameter state into today's groups, so such a run still resumes."""
+    if len(saved["param_groups"]) == len(optimizer.param_groups):
+        return saved
+    if len(saved["param_groups"]) != 1:
+        raise TrainingError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups; "
+                            f"this version uses {len(optimizer.param_groups)}")
+    old_order = list(model.parameters())
+    new_index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    groups = optimizer.state_dict()["param_groups"]
+    return {"state": {new_index[id(old_order[int(i)])]: v for i, v in saved["state"].items()},
+            "param_groups": groups}
 
 
 def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda event: None,
@@ -150,7 +168,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         raise ValueError("--balance aux_free needs a model whose routers have a correction bias (topk_method noaux_tc)")
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     if cfg.resume:
-        saved = state["optimizer"]
+        saved = _upgrade_optimizer_state(state["optimizer"], model, optimizer)
         if info.distributed:
             saved = parallel.shard_optimizer_state(saved, model, info, optimizer)
         optimizer.load_state_dict(saved)

@@ -44,15 +44,16 @@ class BalanceSettings:
     @classmethod
     def paper_defaults(cls, config: ModelConfig, **overrides) -> "BalanceSettings":
         """What each paper trained with: V1 expert-level; V2 expert + device + communication with
-        devices = n_group and M = topk_group; V3 auxiliary-loss-free plus the sequence-wise loss;
-        Mixtral the Switch-style loss. Coefficients from the config where it has them."""
+        devices = n_group and M = topk_group and the paper's alpha_1 = 0.003 (the Hub config.json says 0.001);
+        V3 auxiliary-loss-free plus the sequence-wise loss; Mixtral the Switch-style loss. Other coefficients
+        from the config where it has them."""
         if config.model_type == "deepseek_v3":
             base = dict(schemes=("aux_free", "seq"))
         elif config.model_type == "mixtral":
             base = dict(schemes=("mixtral",), mixtral_coef=config.router_aux_loss_coef or 0.02)
         elif config.model_type == "deepseek_v2" and (config.n_group or 1) > 1:
             base = dict(schemes=("expert", "device", "comm"), devices=config.n_group,
-                        max_devices=config.topk_group or 1, expert_alpha=config.aux_loss_alpha or 0.003)
+                        max_devices=config.topk_group or 1, expert_alpha=0.003)
         else:
             base = dict(schemes=("expert",), expert_alpha=config.aux_loss_alpha or 0.001)
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -110,8 +111,12 @@ def compute_losses(model: Transformer, tokens: torch.Tensor, seq_len: int, setti
 def balance_terms(layers: list[MoE], settings: BalanceSettings, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     """Each enabled loss summed over the MoE layers (as the papers sum per-layer terms)."""
     terms: dict[str, torch.Tensor] = {}
+    needs_scores = bool({"expert", "device", "comm", "seq", "mixtral"} & set(settings.schemes))
     for moe in layers:
         r = moe.last_routing
+        if needs_scores and r.scores is None:
+            raise ValueError("balance losses need the router scores of the last forward: run it in train mode "
+                             "or with autograd enabled")
         E, K = moe.gate.n_experts, moe.gate.top_k
         values = {}
         if "expert" in settings.schemes:

@@ -40,12 +40,14 @@ from .groups import ParallelInfo
 BUCKET_ELEMENTS = 1 << 24  # flatten gradients into buckets of up to 16M elements: few collectives
 
 
-def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(replicated, expert) trainable parameters, each once (a tied head is the embedding)."""
+def _split_parameters(model: nn.Module, trainable_only: bool = True
+                      ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(replicated, expert) parameters, each once (a tied head is the embedding); experts are told by name,
+    so a frozen expert shard is still an expert shard."""
     experts = expert_parameter_names(model)
     replicated, expert = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad or not trainable_only:
             (expert if name in experts else replicated).append(p)
     return replicated, expert
 
@@ -85,12 +87,9 @@ def broadcast_parameters(model: nn.Module, info: ParallelInfo) -> None:
     A safety net: a model built from the same seed or checkpoint on every rank is identical already."""
     if not info.distributed:
         return
-    # Experts by name, trainable or frozen: a frozen shard broadcast from rank 0 would overwrite every rank's
-    # experts with rank 0's (same shape, so nothing would fail).
-    names = expert_parameter_names(model)
-    expert, replicated = [], []
-    for name, p in model.named_parameters():
-        (expert if name in names else replicated).append(p)
+    # Frozen parameters too: a frozen expert shard broadcast from rank 0 would overwrite every rank's experts
+    # with rank 0's (same shape, so nothing would fail).
+    replicated, expert = _split_parameters(model, trainable_only=False)
     for t in [*replicated, *model.buffers()]:
         dist.broadcast(t.data, src=0)
     if info.dp_group is not None:

@@ -111,7 +111,7 @@ def compute_losses(model: Transformer, tokens: torch.Tensor, seq_len: int, setti
 def balance_terms(layers: list[MoE], settings: BalanceSettings, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     """Each enabled loss summed over the MoE layers (as the papers sum per-layer terms)."""
     terms: dict[str, torch.Tensor] = {}
-    needs_scores = bool({"expert", "device", "comm", "seq", "mixtral"} & set(settings.schemes))
+    needs_scores = bool(set(settings.schemes) - {"aux_free"})  # every loss but the bias update reads them
     for moe in layers:
         r = moe.last_routing
         if needs_scores and r.scores is None:

@@ -13,7 +13,6 @@ import torch
 
 import dsmoe
 from dsmoe.train.balance import (
-    capacity_mask,
     communication_balance_loss,
     device_balance_loss,
     expert_balance_loss,
@@ -263,8 +262,6 @@ def test_errors_name_the_argument():
         expert_balance_loss(SCORES, INDICES, 4, 3)
     with pytest.raises(ValueError, match="n_experts"):
         expert_balance_loss(SCORES, INDICES, 5, 2)
-    with pytest.raises(ValueError, match="capacity_factor"):
-        capacity_mask(SCORES[:, :2], INDICES, 4, 0.0)
     with pytest.raises(ValueError, match="bias"):
         update_routing_bias(torch.zeros(3), torch.zeros(4))
 
@@ -297,50 +294,6 @@ def test_update_routing_bias_hand():
     update_routing_bias(gate.bias, load)
     assert gate.bias is buffer and gate.bias.grad_fn is None
     assert (gate.bias[:16] > 0).all() and (gate.bias[16:] < 0).all()
-
-
-# ------------------------------------------------------------------------------------ capacity
-def naive_capacity(weights, indices, n, cf):
-    T, K = indices.shape
-    cap = math.ceil(round(cf * K * T / n, 9))
-    keep = torch.zeros(T, K, dtype=torch.bool)
-    for e in range(n):
-        pairs = [(t, j) for t in range(T) for j in range(K) if int(indices[t, j]) == e]
-        pairs.sort(key=lambda p: -float(weights[p]))  # Python's sort is stable: ties keep token order
-        for t, j in pairs[:cap]:
-            keep[t, j] = True
-    return keep
-
-
-def test_capacity_mask_hand():
-    # T = 4, K = 2, N = 4, capacity_factor 1 -> C = ceil(1 * 2 * 4 / 4) = 2. Expert 0 is picked 4 times.
-    indices = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 1]])
-    weights = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.9, 0.1], [0.5, 0.5]])
-    keep = capacity_mask(weights, indices, 4, 1.0)
-    # Expert 0 keeps its two heaviest pairs (t2: 0.9, t0: 0.6) and drops t1 (0.3) and t3 (0.5).
-    assert keep.tolist() == [[True, True], [False, True], [True, True], [False, True]]
-    assert keep.dtype == torch.bool
-    # C = ceil(1.5 * 8 / 4) = 3 keeps t3's 0.5 too; a large factor keeps everything.
-    assert capacity_mask(weights, indices, 4, 1.5).tolist() == [[True, True], [False, True], [True, True], [True, True]]
-    assert capacity_mask(weights, indices, 4, 4.0).all()
-    # Ties go to the earlier token.
-    tied = capacity_mask(torch.full((4, 2), 0.5), indices, 4, 1.0)
-    assert tied[:, 0].tolist() == [True, True, False, False]
-
-
-@pytest.mark.parametrize("cf", [0.5, 1.0, 1.25, 2.0])
-def test_capacity_mask_matches_naive(cf):
-    g = torch.Generator().manual_seed(int(cf * 100))
-    T, n, k = 40, 8, 2
-    logits = torch.randn(T, n, generator=g)
-    logits[:, 0] += 2.0  # overload expert 0
-    indices = logits.topk(k, dim=-1).indices
-    weights = logits.softmax(-1).gather(1, indices)
-    weights[::7] = 0.25  # some ties
-    keep = capacity_mask(weights, indices, n, cf)
-    assert torch.equal(keep, naive_capacity(weights, indices, n, cf))
-    per_expert = torch.bincount(indices[keep], minlength=n)
-    assert per_expert.max() <= math.ceil(cf * k * T / n)
 
 
 # ------------------------------------------------------------------------------------ end to end

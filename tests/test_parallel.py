@@ -27,7 +27,8 @@ from dsmoe.parallel import (ParallelInfo, all_gather_experts, all_reduce_gradien
                             shard_optimizer_state, split_batch, unshard_experts)
 from dsmoe.parallel.expert import ExpertParallelExperts, expert_parameter_names
 from dsmoe.presets import get_preset
-from dsmoe.train.objective import BalanceSettings, compute_losses, expert_loads, update_biases
+from dsmoe.ops.capacity import TokenDropping
+from dsmoe.train.objective import BalanceSettings, compute_losses, dropped_fraction, expert_loads, update_biases
 
 T = 12  # tokens per sequence
 BATCH = 4  # global batch
@@ -234,6 +235,21 @@ def _check_frozen_experts_keep_their_shards(info: ParallelInfo, name: str) -> No
         assert torch.equal(ours.experts.w1, ref.experts.w1[info.ep_rank * C:(info.ep_rank + 1) * C])
 
 
+def _check_token_dropping(info: ParallelInfo, name: str) -> None:
+    """With a capacity, each rank drops from its own rows: EP == one process on this rank's rows."""
+    torch.manual_seed(0)
+    ref = Transformer(_config(name)).train()
+    for moe in ref.moe_layers(include_mtp=True):
+        moe.token_dropping = TokenDropping(0.5, protect_fraction=0.5)
+    model = copy.deepcopy(ref)
+    shard_experts(model, info)
+    local = split_batch(torch.randint(0, ref.config.vocab_size, (BATCH, T)), info)
+    logits = model(local)
+    _close(logits, ref(local), f"{name} logits with token dropping")
+    assert 0.2 < dropped_fraction(model.moe_layers()) < 0.8
+    logits.sum().backward()  # every rank runs the same collectives backwards, with or without rows
+
+
 def _two_process_worker(rank: int, out: str) -> None:
     ep2 = make_groups(2, n_experts=8)  # ep 2 x dp 1
     dp2 = make_groups(1)  # ep 1 x dp 2: plain data parallelism
@@ -243,6 +259,7 @@ def _two_process_worker(rank: int, out: str) -> None:
         _check_forward_backward(ep2, name)
     _check_forward_backward(ep2, "tiny-v3", skew=True)
     _check_frozen_experts_keep_their_shards(ep2, "tiny-mixtral")
+    _check_token_dropping(ep2, "tiny-v3")
     _check_training(ep2, "tiny-v3", save_to=Path(out))
     _check_training(ep2, "tiny-mixtral", steps=2)
     _check_training(dp2, "tiny-v3", steps=2)

@@ -60,14 +60,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
-    return value
+def _float_where(ok, wanted: str):
+    """An argparse type: a float for which ok(value) holds, else an error saying what was `wanted`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
+        return value
+    return parse
+
+
+_non_negative_float = _float_where(lambda v: v >= 0, "a finite number >= 0")
+_positive_float = _float_where(lambda v: v > 0, "a finite number > 0")
+_fraction = _float_where(lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

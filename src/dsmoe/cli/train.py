@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 from ..presets import PRESETS, get_preset
-from .common import CLIError, _non_negative_float, _positive_int
+from .common import CLIError, _fraction, _non_negative_float, _positive_float, _positive_int
 
 # ---------------------------------------------------------------------------------------------- train
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from ..ops.capacity import LEVELS
     from ..train.loop import TrainConfig
     from ..train.objective import SCHEMES
 
@@ -43,9 +44,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         ("mixtral-coef", "Mixtral aux loss weight"), ("bias-gamma", "aux-loss-free bias step")):
         p.add_argument(f"--{name}", type=_non_negative_float, default=None, metavar="X", help=help_)
     p.add_argument("--devices", type=_positive_int, default=None, metavar="D",
-                   help="simulated devices for the device / communication losses")
+                   help="simulated devices for the device / communication losses and --drop-level device")
     p.add_argument("--max-devices", type=_positive_int, default=None, metavar="M",
                    help="devices a token may reach (communication loss)")
+    p.add_argument("--capacity-factor", type=_positive_float, default=None, metavar="CF",
+                   help="drop (token, expert) pairs past CF x the average load of an expert or device, in "
+                        "training only (default: no dropping; DeepSeek-V2: 1.0 with --drop-level device)")
+    p.add_argument("--drop-level", choices=LEVELS, default=d.drop_level,
+                   help="what a capacity applies to: each expert, or each of --devices groups of experts")
+    p.add_argument("--drop-protect", type=_fraction, default=d.drop_protect, metavar="F",
+                   help="fraction of each batch's sequences that are never dropped (DeepSeek-V2: about 10%%)")
     p.add_argument("--ep", type=_positive_int, default=1, metavar="E",
                    help="expert-parallel ranks; under torchrun with N processes, N = E x data-parallel ranks")
     p.set_defaults(run=_run_train)
@@ -67,7 +75,8 @@ def _run_train(args: argparse.Namespace) -> int:
                       out=args.out or Path("runs") / args.preset, save_every=args.save_every, resume=args.resume,
                       data=args.data, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       dtype=args.dtype, eval_every=args.eval_every, mtp_weight=args.mtp_weight, balance=overrides,
-                      ep=args.ep)
+                      ep=args.ep, capacity_factor=args.capacity_factor, drop_level=args.drop_level,
+                      drop_protect=args.drop_protect)
     info = parallel.init_distributed(args.ep, get_preset(args.preset).n_routed_experts)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -84,12 +93,13 @@ def _run_train(args: argparse.Namespace) -> int:
                             info=f"{event['params'] / 1e6:.1f}M params")
         elif kind == "step":
             val = f"  val {event['val_loss']:.3f}" if "val_loss" in event else ""
+            dropped = f"  dropped {event['dropped']:.1%}" if "dropped" in event else ""
             progress.update(task, completed=event["step"], info=(
-                f"loss {event['loss']:.3f}{val}  maxvio {event['max_vio_mean']:.2f}  "
+                f"loss {event['loss']:.3f}{val}  maxvio {event['max_vio_mean']:.2f}{dropped}  "
                 f"{event['tokens_per_s']:,.0f} tok/s"))
             if "val_loss" in event:  # a permanent line per evaluation, above the live bar
                 progress.console.print(f"step {event['step']:>5}  loss {event['loss']:.4f}  "
-                                       f"val {event['val_loss']:.4f}  maxvio {event['max_vio_mean']:.2f}")
+                                       f"val {event['val_loss']:.4f}  maxvio {event['max_vio_mean']:.2f}{dropped}")
 
     try:
         with progress:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.capacity import TokenDropping
 from ..ops.dispatch import DISPATCH
 from .layers import MLP
 
@@ -21,6 +22,7 @@ class Routing(NamedTuple):
     indices: torch.Tensor  # (T, K) picked experts
     scores: torch.Tensor | None  # (T, E) fp32 softmax / sigmoid scores (unbiased): what balance losses use
     logits: torch.Tensor | None  # (T, E) fp32 raw router logits
+    keep: torch.Tensor | None = None  # (T, K) bool: False for pairs dropped by a capacity (training only)
 
 
 class Router(nn.Module):
@@ -98,7 +100,7 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up_proj
 
     def forward(self, x: torch.Tensor, routing: Routing, dispatch: str = "sorted") -> torch.Tensor:
-        return DISPATCH[dispatch](x, routing.indices, routing.weights, self.w1, self.w2, self.w3)
+        return DISPATCH[dispatch](x, routing.indices, routing.weights, self.w1, self.w2, self.w3, routing.keep)
 
 
 class MoE(nn.Module):
@@ -115,11 +117,19 @@ class MoE(nn.Module):
         # autograd (generation, evaluation) keeps only the picks and weights, not the (T, E) scores and
         # logits the balance losses need: a long prefill then holds no two fp32 (T, E) tensors per layer.
         self.last_routing: Routing | None = None
+        # Token dropping (Switch Transformer; DeepSeek-V2 section 2.2.4), applied in train mode only: the
+        # trainer sets it (dsmoe.train.loop), inference never drops.
+        self.token_dropping: TokenDropping | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (T, D)
         routing = self.gate(flat)
+        if self.training and self.token_dropping is not None:
+            affinity = routing.scores.gather(1, routing.indices)  # the unbiased score of each pick
+            batch = shape[0] if x.ndim == 3 else 1
+            routing = routing._replace(keep=self.token_dropping.keep_mask(affinity, routing.indices,
+                                                                          self.gate.n_experts, batch))
         keep = torch.is_grad_enabled() or self.training
         self.last_routing = routing if keep else routing._replace(scores=None, logits=None)
         y = self.experts(flat, routing, self.dispatch)

@@ -6,7 +6,9 @@ Both take the same arguments and return the same thing:
     weights  (T, K)     gate weight of each slot (fp32 from the router)
     w1, w3   (E, I, D)  gate / up projections of every expert, stacked
     w2       (E, D, I)  down projection
-    -> (T, D)  sum over slots of weight * expert(x)
+    keep     (T, K)     optional bool: False for pairs dropped by a capacity (dsmoe.ops.capacity), which are
+                        neither computed nor added
+    -> (T, D)  sum over kept slots of weight * expert(x)
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tenso
 
 
 def expert_loop(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+                w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: for every expert, find its tokens with a mask and run them. Slow, obviously right."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in range(w1.shape[0]):
-        token, slot = torch.where(indices == e)
+        token, slot = torch.where(indices == e if keep is None else (indices == e) & keep)
         if token.numel() == 0:
             continue
         y = _swiglu(x[token], w1[e], w2[e], w3[e])
@@ -39,25 +41,31 @@ def expert_loop(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
 
 
 def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                    w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+                    w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, keep: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Sort the T*K (token, slot) pairs by expert once, run each non-empty expert on one contiguous
     slice, and sum the weighted results back per token (_combine). No per-expert masks, no per-token
     weight gathers. The gate weights are cast to x's dtype, as transformers does (bf16 gates in bf16).
 
     The gate weight scales the expert's I-wide hidden activation rather than its D-wide output (the same
     product, w2 being linear; I < D for fine-grained experts), and without autograd every expert writes
-    its rows of the output in place instead of being concatenated afterwards."""
+    its rows of the output in place instead of being concatenated afterwards.
+
+    Dropped pairs (keep False) are sorted behind every expert as a virtual expert E and cut off."""
     T, K = indices.shape
     D = x.shape[1]
+    E = w1.shape[0]
     autograd = torch.is_grad_enabled() and any(w.requires_grad for w in (x, weights, w1, w2, w3))
     if T == 1 and not autograd:
-        return _one_token(x, indices, weights, w1, w2, w3)
-    flat = indices.reshape(-1)
+        return _one_token(x, indices, weights, w1, w2, w3, keep)
+    flat = indices.reshape(-1) if keep is None else torch.where(keep.reshape(-1), indices.reshape(-1), E)
     order = flat.argsort(stable=True)  # (T*K,) pair ids grouped by expert
-    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=E if keep is None else E + 1).tolist()
+    if keep is not None:
+        order = order[:T * K - counts.pop()]  # the kept pairs; counts is (E,) again
     token = order // K  # token of each sorted pair
-    xs = x.index_select(0, token)  # (T*K, D), contiguous per expert
-    gates = weights.reshape(-1).index_select(0, order).unsqueeze(1).to(x.dtype)  # (T*K, 1)
+    xs = x.index_select(0, token)  # (P, D), contiguous per expert; P = T*K pairs, fewer if some were dropped
+    gates = weights.reshape(-1).index_select(0, order).unsqueeze(1).to(x.dtype)  # (P, 1)
     used = [e for e, n in enumerate(counts) if n]  # experts with tokens, in sorted order
     sizes = [counts[e] for e in used]
     # split, not slicing: a slice's backward is a zero tensor the size of all pairs plus an add, per expert.
@@ -71,7 +79,7 @@ def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
         # Without autograd w1[e] is a free view, and each expert writes its rows of ys in place: with out=
         # in fp32 (MKL); other dtypes go through oneDNN, whose out= into a view makes a new primitive for
         # most calls once the per-expert row counts vary (2.7x slower bf16 training steps when tried there).
-        ys = xs.new_empty(T * K, D)
+        ys = xs.new_empty(order.numel(), D)
         for (e, xe, ge), ye in zip(chunks, ys.split(sizes)):
             h = _hidden(xe, w1[e], w3[e]) * ge
             if ys.dtype == torch.float32:
@@ -82,24 +90,30 @@ def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
 
 
 def _one_token(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-               w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+               w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """A single token (a batch-1 decode step), no autograd: its K experts in turn, each output added with its
     gate weight as alpha into an fp32 accumulator. Skips the sort, gathers and scatter that only pay off
     when experts share tokens: 1.5x faster per MoE layer here."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e, gate in zip(indices[0].tolist(), weights[0].tolist()):
-        out.add_(_swiglu(x, w1[e], w2[e], w3[e]), alpha=gate)
+    kept = [True] * indices.shape[1] if keep is None else keep[0].tolist()
+    for e, gate, kept_pair in zip(indices[0].tolist(), weights[0].tolist(), kept):
+        if kept_pair:
+            out.add_(_swiglu(x, w1[e], w2[e], w3[e]), alpha=gate)
     return out.to(x.dtype)
 
 
 def _combine(ys: torch.Tensor, token: torch.Tensor, order: torch.Tensor, T: int, K: int) -> torch.Tensor:
-    """Sum the expert-sorted pair outputs ys (T*K, D) into their tokens -> (T, D), accumulating in fp32.
+    """Sum the expert-sorted pair outputs ys (P, D) into their tokens -> (T, D), accumulating in fp32;
+    P = T*K, or fewer when pairs were dropped (the missing ones then count as zero rows).
 
     fp32: scatter-add in place (index_add_). Lower precision: back to (token, slot) order and a sum over the
     K slots, which accumulates in fp32 internally; scatter-adding would need an fp32 copy of all of ys
     first (measured: bf16 forward 1.28x faster this way, fp32 forward 1.07x slower)."""
     if ys.dtype == torch.float32:
         return torch.zeros(T, ys.shape[1], dtype=ys.dtype, device=ys.device).index_add_(0, token, ys)
+    if order.numel() < T * K:  # dropped pairs: zero rows in their (token, slot) places
+        full = ys.new_zeros(T * K, ys.shape[1]).index_copy(0, order, ys)
+        return full.view(T, K, ys.shape[1]).sum(dim=1)
     unsort = torch.empty_like(order)
     unsort[order] = torch.arange(order.numel(), device=order.device)
     return ys.index_select(0, unsort).view(T, K, ys.shape[1]).sum(dim=1)

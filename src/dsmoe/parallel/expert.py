@@ -8,8 +8,8 @@ would); only `moe.experts` is replaced, by `ExpertParallelExperts`, whose forwar
 `Experts.forward`. One MoE layer on one rank:
 
   1. a "row" is a distinct (token, destination rank) pair: a token is sent once to every rank that holds
-     at least one of its K experts, with K local expert ids (-1 for slots that live elsewhere) and the
-     K gate weights (0 elsewhere);
+     at least one of its K experts, with K local expert ids (-1 for slots that live elsewhere, or that
+     token dropping removed) and the K gate weights (0 elsewhere);
   2. all-to-all of the row counts, then of the rows (hidden vectors, and the ids + weights);
   3. the receiving rank runs its experts on its (row, slot) pairs with the same dispatch function as a
      single process (`dsmoe.ops.dispatch.DISPATCH`, local expert ids), weights them, and sums each row's
@@ -118,13 +118,19 @@ class ExpertParallelExperts(nn.Module):
         C, ep = self.w1.shape[0], self.ep_size
         indices = routing.indices.long()  # (T, K) global expert ids
         dest = indices // C  # (T, K) rank holding each pick
-        hit = torch.zeros(T, ep, dtype=torch.bool, device=x.device).scatter_(1, dest, True)  # (T, ep)
+        if routing.keep is None:
+            hit = torch.zeros(T, ep, dtype=torch.bool, device=x.device).scatter_(1, dest, True)  # (T, ep)
+        else:  # a dropped pair sends nothing: count only kept picks per rank
+            hit = torch.zeros(T, ep, dtype=torch.int32, device=x.device).scatter_add_(
+                1, dest, routing.keep.int()) > 0
         rank_of_row, token_of_row = hit.t().nonzero(as_tuple=True)  # (R,), ordered by rank, then token
         send = hit.sum(dim=0)  # (ep,) rows for each rank
         recv = exchange_counts(send, self.group)
         send_splits, recv_splits = send.tolist(), recv.tolist()
 
         mine = dest.index_select(0, token_of_row) == rank_of_row[:, None]  # (R, K) slots held by the row's rank
+        if routing.keep is not None:
+            mine &= routing.keep.index_select(0, token_of_row)
         local_ids = indices.index_select(0, token_of_row) - rank_of_row[:, None] * C  # (R, K)
         ids = torch.where(mine, local_ids, -1).float()  # exact for any realistic expert count (< 2**24)
         weights = torch.where(mine, routing.weights.index_select(0, token_of_row), 0.0)  # (R, K) fp32

@@ -1,4 +1,5 @@
-"""Load balancing for MoE training: auxiliary losses, the V3 bias update, load metrics, token dropping.
+"""Load balancing for MoE training: auxiliary losses, the V3 bias update, load metrics (token dropping:
+`dsmoe.ops.capacity`).
 
 Every function here is pure (apart from `update_routing_bias`, which updates a buffer in place) and takes
 router outputs, i.e. the fields of `dsmoe.model.moe.Routing` kept by each MoE layer after a forward:
@@ -6,7 +7,6 @@ router outputs, i.e. the fields of `dsmoe.model.moe.Routing` kept by each MoE la
     scores   (T, E) fp32 softmax / sigmoid scores, unbiased; the losses are differentiable through them
     indices  (T, K) picked experts (integers: the counts built from them carry no gradient)
     logits   (T, E) fp32 raw router logits (Mixtral's loss re-applies the softmax itself)
-    weights  (T, K) gate weights (only `capacity_mask` uses them)
 
 Notation (DESIGN.md, "Balancing and MTP formulas"): T tokens, N = E routed experts, K picked per token,
 s[i,t] the score of expert i for token t, 1[i,t] = 1 if token t picked expert i, D devices holding N/D
@@ -18,7 +18,6 @@ adds the results as they are: `loss = ce + sum(balance losses)`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -33,7 +32,6 @@ __all__ = [
     "expert_load",
     "load_metrics",
     "update_routing_bias",
-    "capacity_mask",
 ]
 
 
@@ -224,33 +222,3 @@ def update_routing_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float = 0
         raise ValueError(f"bias {tuple(bias.shape)} and load {tuple(load.shape)} must both be (n_experts,)")
     x = load.to(device=bias.device, dtype=torch.float64)
     bias.add_(torch.sign(x.mean() - x).to(bias.dtype), alpha=gamma)
-
-
-# ---------------------------------------------------------------------------------------------- dropping
-def capacity_mask(weights: torch.Tensor, indices: torch.Tensor, n_experts: int,
-                  capacity_factor: float) -> torch.Tensor:
-    """Token dropping (Switch Transformer section 2.2; DeepSeek-V2 section 2.2.4): keep-mask (T, K) bool.
-
-    Each expert accepts at most C = ceil(capacity_factor * K * T / N) (token, slot) pairs; when more are
-    routed to it, it keeps the C with the highest gate weights (ties: earlier token first) and drops the
-    rest. A dropped pair contributes nothing; the token still has its residual (and shared-expert) path.
-    Vectorised: one sort by (expert, -weight), a rank within each expert, a compare with C.
-    """
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-    if weights.shape != indices.shape or indices.ndim != 2:
-        raise ValueError(f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be "
-                         "(tokens, top_k)")
-    T, K = indices.shape
-    capacity = math.ceil(round(capacity_factor * K * T / n_experts, 9))  # round: 1.1*10/1 is not 11.000001
-    flat_e = indices.reshape(-1).long()  # (T*K,)
-    flat_w = weights.detach().reshape(-1)  # (T*K,)
-    # Two stable sorts = one lexicographic sort by (expert, -weight, original position).
-    by_weight = torch.sort(flat_w, descending=True, stable=True).indices
-    order = by_weight[torch.sort(flat_e[by_weight], stable=True).indices]  # (T*K,)
-    counts = expert_load(indices, n_experts)  # (E,)
-    start = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
-    rank = torch.arange(T * K, device=indices.device) - start[flat_e[order]]  # (T*K,) rank within expert
-    keep = torch.empty(T * K, dtype=torch.bool, device=indices.device)
-    keep[order] = rank < capacity
-    return keep.view(T, K)

@@ -21,10 +21,11 @@ import torch
 from .. import parallel
 from ..checkpoint import load_pretrained
 from ..model import Transformer
+from ..ops.capacity import LEVELS, TokenDropping
 from ..parallel import ParallelInfo
 from ..presets import get_preset
 from . import balance, checkpoint, data, metrics, tokenizer
-from .objective import BalanceSettings, compute_losses, expert_loads, update_biases
+from .objective import BalanceSettings, compute_losses, dropped_fraction, expert_loads, update_biases
 
 
 class TrainingError(RuntimeError):
@@ -54,6 +55,11 @@ class TrainConfig:
     vocab_size: int | None = None  # None: the preset's
     ep: int = 1  # expert-parallel ranks (the rest of the world is data parallel)
     balance: dict[str, Any] = field(default_factory=dict)  # BalanceSettings overrides (None = paper default)
+    # Token dropping (off: None). DeepSeek-V2 trained with capacity 1.0 per device and ~10% of sequences
+    # never dropped: capacity_factor=1.0, drop_level="device" (over the balance settings' devices).
+    capacity_factor: float | None = None
+    drop_level: str = "expert"
+    drop_protect: float = 0.1  # fraction of each batch's sequences that are never dropped
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -64,6 +70,20 @@ class TrainConfig:
             raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
+        if self.capacity_factor is not None and not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
+            raise ValueError(f"--capacity-factor must be a positive finite number, got {self.capacity_factor}")
+        if self.drop_level not in LEVELS:
+            raise ValueError(f"--drop-level must be one of {', '.join(LEVELS)}, got {self.drop_level!r}")
+        if not 0.0 <= self.drop_protect <= 1.0:
+            raise ValueError(f"--drop-protect must be a fraction in [0, 1], got {self.drop_protect}")
+
+    def token_dropping(self, settings: BalanceSettings) -> TokenDropping | None:
+        """The MoE layers' dropping rule; device-level dropping uses the balance settings' --devices."""
+        if self.capacity_factor is None:
+            return None
+        if self.drop_level == "device" and settings.devices < 2:
+            raise ValueError("--drop-level device needs --devices 2 or more (one device would never drop)")
+        return TokenDropping(self.capacity_factor, self.drop_level, settings.devices, self.drop_protect)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -166,6 +186,11 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     settings.check_model(model.config)
     if "aux_free" in settings.schemes and not any(m.gate.bias is not None for m in model.moe_layers()):
         raise ValueError("--balance aux_free needs a model whose routers have a correction bias (topk_method noaux_tc)")
+    dropping = cfg.token_dropping(settings)
+    if dropping is not None:
+        dropping.check_experts(model.config.n_routed_experts)
+    for moe in model.moe_layers(include_mtp=True):
+        moe.token_dropping = dropping
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     if cfg.resume:
         saved = _upgrade_optimizer_state(state["optimizer"], model, optimizer)
@@ -190,7 +215,10 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         tokens = parallel.split_batch(tokens, info)  # this rank's rows of the global batch
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             losses = compute_losses(model, tokens, cfg.seq_len, settings, cfg.mtp_weight)
-        values = parallel.mean_over_world(losses.as_floats(), info)  # every rank sees the same numbers
+        floats = losses.as_floats()
+        if dropping is not None:
+            floats["dropped"] = dropped_fraction(model.moe_layers())
+        values = parallel.mean_over_world(floats, info)  # every rank sees the same numbers
         if not math.isfinite(values["loss"]):
             raise TrainingError(f"loss became {values['loss']} at step {step + 1}; stopped. "
                                 f"Last good checkpoint: {_describe_current(cfg.out)} (intact).")

@@ -142,6 +142,15 @@ def balance_terms(layers: list[MoE], settings: BalanceSettings, batch: int, seq_
 
 
 @torch.no_grad()
+def dropped_fraction(layers: list[MoE]) -> float:
+    """Share of (token, slot) pairs that token dropping removed in the last forward, over `layers`."""
+    masks = [moe.last_routing.keep for moe in layers if moe.last_routing.keep is not None]
+    if not masks:
+        return 0.0
+    return 1.0 - float(sum(m.sum() for m in masks)) / sum(m.numel() for m in masks)
+
+
+@torch.no_grad()
 def expert_loads(layers: list[MoE]) -> list[torch.Tensor]:
     """Tokens routed to each expert in the last forward, per MoE layer: (E,) float tensors."""
     return [balance.expert_load(moe.last_routing.indices, moe.gate.n_experts).float() for moe in layers]

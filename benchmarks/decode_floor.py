@@ -6,7 +6,7 @@ On `dsmoe bench`'s model (fp32, loaded from the same random transformers checkpo
 (batch, context): one greedy decode step of dsmoe and of transformers over caches prefilled once, timed
 alternately (A, B, A, B, ...; the step rewrites the same cache slot each time, so every sample does the
 same work), best and median of --reps. Then the aten operations of one dsmoe step are recorded (a
-TorchDispatchMode) and its matrix products alone (mm, bmm, with their real weights and activations, in
+TorchDispatchMode) and its matrix products alone (mm, bmm, grouped mm, with their real weights and activations, in
 order) are replayed: the floor of this implementation, what the step would cost if everything else
 were free.
 When it is above transformers' step / 5, no trimming of the other operations can reach 5x; only fewer or
@@ -29,7 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dsmoe
 from dsmoe.bench import MODEL, TARGETS, build_checkpoint
 
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+           torch.ops.aten._grouped_mm.default}  # the routed experts of several tokens
 
 
 class _Recorder(TorchDispatchMode):

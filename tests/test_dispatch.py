@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe import ModelConfig, Transformer
+from dsmoe.ops import dispatch
 from dsmoe.ops.dispatch import DISPATCH, expert_loop, sorted_dispatch
 from dsmoe.presets import PRESETS
 
@@ -180,14 +181,56 @@ def _graph_nodes(fn) -> set[str]:
     return names
 
 
-def test_sorted_dispatch_backward_has_no_per_expert_slices():
+@pytest.mark.parametrize("grouped", [True, False])
+def test_sorted_dispatch_backward_has_no_per_expert_slices(grouped, monkeypatch):
     """Slicing or indexing a stacked tensor per expert (xs[lo:hi], w1[e]) gives a backward that allocates
     a zero tensor the size of the whole stack per expert: quadratic in E (training steps 4.6x slower at
-    64 experts for w1[e], ~10x for xs[lo:hi]). split / unbind have one-shot backwards."""
+    64 experts for w1[e], ~10x for xs[lo:hi]). split / unbind have one-shot backwards; grouped GEMMs none."""
+    if not grouped:
+        monkeypatch.setattr(dispatch, "_GROUPED_MM", None)
     args = [t.requires_grad_(t.is_floating_point()) for t in _inputs(T=40, E=8, K=2)]
     names = _graph_nodes(sorted_dispatch(*args).grad_fn)
-    assert "SplitWithSizesBackward0" in names and "UnbindBackward0" in names
+    if not grouped:
+        assert "SplitWithSizesBackward0" in names and "UnbindBackward0" in names
     assert not names & {"SliceBackward0", "SelectBackward0"}, names
+
+
+@pytest.mark.skipif(dispatch._GROUPED_MM is None, reason="this torch has no grouped GEMM")
+@pytest.mark.parametrize("case", ["all-experts", "empty-experts", "one-expert", "top4-many-tokens"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "bf16-autocast"])
+def test_grouped_gemms_equal_the_per_expert_loop(case, mode, monkeypatch):
+    """The grouped-GEMM experts against the one-matmul-per-expert fallback: the same bits on the CPU, forward
+    and every gradient, in fp32, bf16, and bf16 autocast over fp32 weights (grouped_mm is not autocast-aware)."""
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    base = _inputs(**CASES[case], dtype=dtype)
+    keep = torch.rand(base[1].shape, generator=torch.Generator().manual_seed(3)) > 0.25
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr(dispatch, "_GROUPED_MM", dispatch._GROUPED_MM if grouped else None)
+        for mask in (None, keep):
+            args = [t.clone().requires_grad_(t.is_floating_point()) for t in base]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-autocast"):
+                assert dispatch.grouped_mm_usable(args[0], args[3]) == grouped
+                out = sorted_dispatch(*args, keep=mask)
+            (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            results.append([out.detach()] + [args[i].grad for i in (0, 2, 3, 4, 5)])
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-autocast"):
+                results[-1].append(sorted_dispatch(*args, keep=mask))
+    for g, l in zip(results[:2], results[2:]):
+        for a, b, name in zip(g, l, ("out", "x", "weights", "w1", "w2", "w3", "no-grad out")):
+            # Equal up to the summation order inside one matmul (the weight gradients' GEMMs are laid out
+            # differently): one rounding step of the result's dtype, relative to its largest entry.
+            assert a.dtype == b.dtype
+            eps = torch.finfo(a.dtype).eps * float(b.abs().max())
+            assert float((a - b).abs().max()) <= eps, f"{name}: {(a.float() - b.float()).abs().max()}"
+
+
+def test_grouped_gemms_need_16_byte_rows():
+    x, _, _, w1, _, _ = _inputs(D=16, I=24, dtype=torch.bfloat16)
+    assert dispatch.grouped_mm_usable(x, w1) == (dispatch._GROUPED_MM is not None)
+    x, _, _, w1, _, _ = _inputs(D=12, I=24, dtype=torch.bfloat16)  # 24-byte rows
+    assert not dispatch.grouped_mm_usable(x, w1)
+    assert not dispatch.grouped_mm_usable(x.double(), w1.double())
 
 
 @pytest.mark.parametrize("name,norm,expected_sum", [

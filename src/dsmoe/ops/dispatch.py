@@ -43,17 +43,17 @@ def expert_loop(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
 def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                     w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, keep: torch.Tensor | None = None
                     ) -> torch.Tensor:
-    """Sort the T*K (token, slot) pairs by expert once, run each non-empty expert on one contiguous
-    slice, and sum the weighted results back per token (_combine). No per-expert masks, no per-token
-    weight gathers. The gate weights are cast to x's dtype, as transformers does (bf16 gates in bf16).
+    """Sort the T*K (token, slot) pairs by expert once, run every expert on its contiguous slice, and sum the
+    weighted results back per token (_combine). No per-expert masks, no per-token weight gathers. The gate
+    weights are cast to x's dtype, as transformers does (bf16 gates in bf16).
 
+    The experts run as three grouped GEMMs (`_grouped_experts`) where torch has them for this device and
+    dtype, else one matmul per non-empty expert (`_looped_experts`); both give the same bits on the CPU.
     The gate weight scales the expert's I-wide hidden activation rather than its D-wide output (the same
-    product, w2 being linear; I < D for fine-grained experts), and without autograd every expert writes
-    its rows of the output in place instead of being concatenated afterwards.
+    product, w2 being linear; I < D for fine-grained experts).
 
     Dropped pairs (keep False) are sorted behind every expert as a virtual expert E and cut off."""
     T, K = indices.shape
-    D = x.shape[1]
     E = w1.shape[0]
     autograd = torch.is_grad_enabled() and any(w.requires_grad for w in (x, weights, w1, w2, w3))
     if T == 1 and not autograd:
@@ -66,6 +66,51 @@ def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
     token = order // K  # token of each sorted pair
     xs = x.index_select(0, token)  # (P, D), contiguous per expert; P = T*K pairs, fewer if some were dropped
     gates = weights.reshape(-1).index_select(0, order).unsqueeze(1).to(x.dtype)  # (P, 1)
+    run = _grouped_experts if grouped_mm_usable(xs, w1) else _looped_experts
+    return _combine(run(xs, gates, counts, w1, w2, w3, autograd), token, order, T, K)
+
+
+def grouped_mm_usable(xs: torch.Tensor, w1: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes these operands: torch >= 2.9 (CPU: fp32 / bf16 / fp16; CUDA: bf16
+    on SM80+) with every row a multiple of 16 bytes. Autocast decides the dtype the GEMMs would run in."""
+    if _GROUPED_MM is None:
+        return False
+    device = xs.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype
+    if device == "cpu":
+        supported = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    elif device == "cuda":
+        supported = dtype == torch.bfloat16 and torch.cuda.get_device_capability(xs.device) >= (8, 0)
+    else:
+        supported = False
+    itemsize = dtype.itemsize
+    return supported and all(n * itemsize % 16 == 0 for n in w1.shape[1:])
+
+
+# The public name from torch 2.10, the private one in 2.9; None before (CPU kernels arrived in 2.9).
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_experts(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], w1: torch.Tensor,
+                     w2: torch.Tensor, w3: torch.Tensor, autograd: bool) -> torch.Tensor:
+    """Every expert on its rows of xs (P, D) as three grouped GEMMs (one kernel launch each on CUDA, one call
+    each on the CPU: no per-expert Python, no concatenation, and a backward that writes the stacked weight
+    gradients directly: 1.1x (fp32) to 1.3x (bf16) faster MoE training steps than `_looped_experts`)."""
+    device = xs.device.type
+    # grouped_mm is not autocast-aware: cast every operand of every GEMM as autocast's F.linear would (xs
+    # once per GEMM, so that its two gradients are summed in xs's dtype, as with F.linear).
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype
+    w1, w2, w3 = w1.to(dtype), w2.to(dtype), w3.to(dtype)
+    ends = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(device=xs.device, dtype=torch.int32)
+    h1 = _GROUPED_MM(xs.to(dtype), w1.transpose(1, 2), offs=ends)
+    h = F.silu(h1) * _GROUPED_MM(xs.to(dtype), w3.transpose(1, 2), offs=ends)  # (P, I)
+    return _GROUPED_MM((h * gates).to(dtype), w2.transpose(1, 2), offs=ends)  # (P, D)
+
+
+def _looped_experts(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], w1: torch.Tensor,
+                    w2: torch.Tensor, w3: torch.Tensor, autograd: bool) -> torch.Tensor:
+    """The same as `_grouped_experts` with one matmul per non-empty expert (any torch, device and dtype)."""
+    D = w2.shape[1]
     used = [e for e, n in enumerate(counts) if n]  # experts with tokens, in sorted order
     sizes = [counts[e] for e in used]
     # split, not slicing: a slice's backward is a zero tensor the size of all pairs plus an add, per expert.
@@ -74,19 +119,20 @@ def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
         # unbind, not w1[e], for the same reason (its backward would be a zero tensor the size of all experts).
         w1, w2, w3 = w1.unbind(0), w2.unbind(0), w3.unbind(0)
         outs = [F.linear(_hidden(xe, w1[e], w3[e]) * ge, w2[e]) for e, xe, ge in chunks]
-        ys = torch.cat(outs) if outs else xs.new_zeros(0, D)
-    else:
-        # Without autograd w1[e] is a free view, and each expert writes its rows of ys in place: with out=
-        # in fp32 (MKL); other dtypes go through oneDNN, whose out= into a view makes a new primitive for
-        # most calls once the per-expert row counts vary (2.7x slower bf16 training steps when tried there).
-        ys = xs.new_empty(order.numel(), D)
-        for (e, xe, ge), ye in zip(chunks, ys.split(sizes)):
-            h = _hidden(xe, w1[e], w3[e]) * ge
-            if ys.dtype == torch.float32:
-                torch.mm(h, w2[e].t(), out=ye)
-            else:
-                ye.copy_(F.linear(h, w2[e]))
-    return _combine(ys, token, order, T, K)
+        return torch.cat(outs) if outs else xs.new_zeros(0, D)
+    # Without autograd w1[e] is a free view, and each expert writes its rows of ys in place: with out= in
+    # fp32 (MKL); other dtypes go through oneDNN, whose out= into a view makes a new primitive for most
+    # calls once the per-expert row counts vary (2.7x slower bf16 training steps when tried there).
+    device = xs.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype  # F.linear's
+    ys = xs.new_empty(xs.shape[0], D, dtype=out_dtype)
+    for (e, xe, ge), ye in zip(chunks, ys.split(sizes)):
+        h = _hidden(xe, w1[e], w3[e]) * ge
+        if ys.dtype == torch.float32:
+            torch.mm(h, w2[e].t(), out=ye)
+        else:
+            ye.copy_(F.linear(h, w2[e]))
+    return ys
 
 
 def _one_token(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,

@@ -29,8 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dsmoe
 from dsmoe.bench import MODEL, TARGETS, build_checkpoint
 
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
-           torch.ops.aten._grouped_mm.default}  # the routed experts of several tokens
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+if hasattr(torch.ops.aten, "_grouped_mm"):  # the routed experts of several tokens (torch >= 2.9)
+    MATMULS.add(torch.ops.aten._grouped_mm.default)
 
 
 class _Recorder(TorchDispatchMode):

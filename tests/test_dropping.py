@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dsmoe
-from dsmoe.ops.capacity import TokenDropping, capacity_mask
+from dsmoe.ops.capacity import TokenDropping, capacity_mask, protected_sequences
 from dsmoe.ops.dispatch import DISPATCH
 
 
@@ -75,24 +75,31 @@ def test_capacity_mask_matches_naive(cf, devices, protect):
 def test_bad_dropping_settings_name_the_field():
     with pytest.raises(ValueError, match="capacity_factor"):
         capacity_mask(torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.long), 4, 0.0)
-    with pytest.raises(ValueError, match="capacity_factor"):
+    with pytest.raises(ValueError, match="--capacity-factor"):
         TokenDropping(float("inf"))
-    with pytest.raises(ValueError, match="level"):
+    with pytest.raises(ValueError, match="--drop-level"):
         TokenDropping(1.0, level="token")
-    with pytest.raises(ValueError, match="protect_fraction"):
-        TokenDropping(1.0, protect_fraction=1.5)
-    with pytest.raises(ValueError, match="3 devices must divide the model's 16"):
+    with pytest.raises(ValueError, match="--drop-level device needs --devices 2"):
+        TokenDropping(1.0, level="device")
+    with pytest.raises(ValueError, match="--devices 3 must divide the model's 16"):
         TokenDropping(1.0, level="device", devices=3).check_experts(16)
 
 
-def test_protected_sequences_are_the_first_rows():
-    rule = TokenDropping(0.01, protect_fraction=0.25)  # a capacity of 1 pair: everything else drops
-    T, K, E = 8 * 5, 2, 4  # 8 sequences of 5 tokens
-    indices = torch.zeros(T, K, dtype=torch.long)
-    indices[:, 1] = 1
-    keep = rule.keep_mask(torch.rand(T, K), indices, E, batch=8)
-    assert keep[:10].all()  # round(0.25 * 8) = 2 sequences = the first 10 tokens
-    assert int(keep[10:].sum()) == 0  # their 10 pairs per expert already exceed the capacity
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25, 1 / 3, 0.5, 1.0])
+def test_protected_sequences_are_that_fraction_of_the_run(fraction):
+    """Whatever the batch and rank split, sequence n of the run is protected by one rule, and the count up to
+    any point is floor(n * fraction): exact over the run, not rounded per (small) batch."""
+    ids = torch.arange(1000)
+    protected = protected_sequences(ids, fraction)
+    assert protected.dtype == torch.bool
+    assert int(protected.sum()) == math.floor(1000 * fraction + 1e-9)
+    counts = protected.cumsum(0)
+    assert all(int(counts[n - 1]) == math.floor(n * fraction + 1e-9) for n in (10, 37, 500))
+    # Two ranks of 2 rows each see the same global rule as one process of 4 rows.
+    step, B = 7, 4
+    one = protected_sequences(step * B + torch.arange(B), fraction)
+    assert torch.equal(torch.cat([protected_sequences(step * B + torch.arange(r * 2, r * 2 + 2), fraction)
+                                  for r in range(2)]), one)
 
 
 # ------------------------------------------------------------------------------------ dispatch
@@ -153,7 +160,8 @@ def test_moe_drops_in_train_mode_only():
     x = torch.randn(4, 10, config.hidden_size)
     with torch.no_grad():
         plain = moe.train()(x)
-        moe.token_dropping = TokenDropping(0.5, protect_fraction=0.25)
+        moe.token_dropping = TokenDropping(0.5)
+        moe.protected_rows = torch.tensor([False, True, False, False])
         dropped = moe(x)
         routing = moe.last_routing
         keep = routing.keep
@@ -163,11 +171,15 @@ def test_moe_drops_in_train_mode_only():
         want = DISPATCH["loop"](flat, routing.indices, routing.weights * keep, e.w1, e.w2, e.w3)
         want = want + moe.shared_experts(flat)
         assert 0.3 < 1 - keep.float().mean() < 0.7  # a capacity factor of 0.5 drops about half the pairs
-        assert keep[:10].all()  # round(0.25 * 4) = 1 protected sequence of 10 tokens
+        assert keep[10:20].all()  # the protected sequence's 10 tokens
         torch.testing.assert_close(dropped, want.view_as(x), atol=1e-6, rtol=1e-5)
         assert not torch.allclose(dropped, plain)
         assert torch.equal(moe.eval()(x), plain)  # inference never drops
         assert moe.last_routing.keep is None
+        moe.train()
+        moe.protected_rows = torch.ones(3, dtype=torch.bool)
+        with pytest.raises(ValueError, match=r"protected_rows has shape \(3,\), but the input \(4, 10, 128\)"):
+            moe(x)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -183,7 +195,7 @@ def corpus(tmp_path_factory):
 
 
 def test_training_with_dropping_reports_the_dropped_share(corpus, tmp_path, monkeypatch):
-    from dsmoe.train.loop import TrainConfig, train
+    from dsmoe.train.loop import TrainConfig, TrainingError, train
     from dsmoe.train.metrics import read_metrics
 
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
@@ -192,7 +204,8 @@ def test_training_with_dropping_reports_the_dropped_share(corpus, tmp_path, monk
     runs = {}
     for name, extra in (("none", {}), ("huge", dict(capacity_factor=100.0)),
                         ("device", dict(capacity_factor=1.0, drop_level="device")),
-                        ("expert", dict(capacity_factor=0.5))):
+                        ("expert", dict(capacity_factor=0.5)),
+                        ("protected", dict(capacity_factor=0.5, drop_protect=1.0))):
         train(TrainConfig(out=tmp_path / name, **small, **extra))
         runs[name] = read_metrics(tmp_path / name / "metrics.jsonl")
     assert "dropped" not in runs["none"][0]
@@ -203,3 +216,9 @@ def test_training_with_dropping_reports_the_dropped_share(corpus, tmp_path, monk
     assert all(0.3 < r["dropped"] < 0.7 for r in runs["expert"])
     assert runs["expert"][0]["loss"] != runs["none"][0]["loss"]
     assert all(math.isfinite(r["loss"]) for r in runs["expert"] + runs["device"])
+    assert [r["dropped"] for r in runs["protected"]] == [0.0] * 3  # every sequence protected
+    # A resumed run must drop as it did: other (or no) dropping flags are refused.
+    with pytest.raises(TrainingError, match=r"--capacity-factor \(not given\), but the run was started with 0.5"):
+        train(TrainConfig(out=tmp_path / "expert", resume=True, **{**small, "steps": 5}))
+    with pytest.raises(ValueError, match="need --capacity-factor"):
+        TrainConfig(drop_level="device")

@@ -27,7 +27,7 @@ from dsmoe.parallel import (ParallelInfo, all_gather_experts, all_reduce_gradien
                             shard_optimizer_state, split_batch, unshard_experts)
 from dsmoe.parallel.expert import ExpertParallelExperts, expert_parameter_names
 from dsmoe.presets import get_preset
-from dsmoe.ops.capacity import TokenDropping
+from dsmoe.ops.capacity import TokenDropping, protected_sequences
 from dsmoe.train.objective import BalanceSettings, compute_losses, dropped_fraction, expert_loads, update_biases
 
 T = 12  # tokens per sequence
@@ -239,8 +239,10 @@ def _check_token_dropping(info: ParallelInfo, name: str) -> None:
     """With a capacity, each rank drops from its own rows: EP == one process on this rank's rows."""
     torch.manual_seed(0)
     ref = Transformer(_config(name)).train()
+    rows = split_batch(torch.arange(BATCH), info)
     for moe in ref.moe_layers(include_mtp=True):
-        moe.token_dropping = TokenDropping(0.5, protect_fraction=0.5)
+        moe.token_dropping = TokenDropping(0.5)
+        moe.protected_rows = protected_sequences(rows, 0.5)  # one of this rank's two rows
     model = copy.deepcopy(ref)
     shard_experts(model, info)
     local = split_batch(torch.randint(0, ref.config.vocab_size, (BATCH, T)), info)

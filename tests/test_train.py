@@ -242,7 +242,7 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(corpus, tmp_path):
     (dict(out="FILE"), r"--out .*FILE: .*FILE exists and is not a directory"),
     (dict(preset="tiny-v2", balance={"schemes": ("device",), "devices": 3}), r"--devices 3 must divide"),
     (dict(capacity_factor=1.0, drop_level="device"), r"--drop-level device needs --devices 2 or more"),
-    (dict(capacity_factor=1.0, drop_level="device", balance={"devices": 3}), r"3 devices must divide the model's 16"),
+    (dict(capacity_factor=1.0, drop_level="device", balance={"devices": 3}), r"--devices 3 must divide the model's 16"),
 ])
 def test_bad_settings_fail_before_anything_is_written(corpus, tmp_path, change, message):
     (tmp_path / "FILE").write_text("x")

@@ -118,8 +118,10 @@ class MoE(nn.Module):
         # logits the balance losses need: a long prefill then holds no two fp32 (T, E) tensors per layer.
         self.last_routing: Routing | None = None
         # Token dropping (Switch Transformer; DeepSeek-V2 section 2.2.4), applied in train mode only: the
-        # trainer sets it (dsmoe.train.loop), inference never drops.
+        # trainer sets the rule once and, before each step, which rows (sequences) of the (B, T) batch are
+        # never dropped (dsmoe.train.loop). Inference never drops.
         self.token_dropping: TokenDropping | None = None
+        self.protected_rows: torch.Tensor | None = None  # (B,) bool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -127,12 +129,22 @@ class MoE(nn.Module):
         routing = self.gate(flat)
         if self.training and self.token_dropping is not None:
             affinity = routing.scores.gather(1, routing.indices)  # the unbiased score of each pick
-            batch = shape[0] if x.ndim == 3 else 1
-            routing = routing._replace(keep=self.token_dropping.keep_mask(affinity, routing.indices,
-                                                                          self.gate.n_experts, batch))
-        keep = torch.is_grad_enabled() or self.training
-        self.last_routing = routing if keep else routing._replace(scores=None, logits=None)
+            keep = self.token_dropping.keep_mask(affinity, routing.indices, self.gate.n_experts,
+                                                 self._protected_tokens(shape, x.device))
+            routing = routing._replace(keep=keep)
+        keep_scores = torch.is_grad_enabled() or self.training
+        self.last_routing = routing if keep_scores else routing._replace(scores=None, logits=None)
         y = self.experts(flat, routing, self.dispatch)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(shape)
+
+    def _protected_tokens(self, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """(B*T,) bool from protected_rows (B,) for an input of shape (B, T, D)."""
+        rows = self.protected_rows
+        if rows is None:
+            return None
+        if len(shape) != 3 or rows.shape != (shape[0],):
+            raise ValueError(f"MoE.protected_rows has shape {tuple(rows.shape)}, but the input {tuple(shape)} "
+                             f"is not a batch of {rows.shape[0]} sequences")
+        return rows.to(device=device, dtype=torch.bool).repeat_interleave(shape[1])

@@ -2,10 +2,17 @@
 
 Switch Transformer (section 2.2) caps what each expert accepts at `capacity_factor * K * T / N` pairs;
 DeepSeek-V2 (section 2.2.4) caps each *device* at its average computational budget (capacity factor 1.0),
-drops the overflowing pairs with the lowest affinity scores, and never drops the tokens of about 10% of
+drops the overflowing tokens with the lowest affinity scores, and never drops the tokens of about 10% of
 the training sequences, so that inference (which drops nothing) is not a different model. A dropped pair
 contributes nothing to its token's output; the token keeps its residual path and its shared experts.
 Dropping is a training-time measure: `MoE` applies it only in train mode.
+
+How this differs from the papers, knowingly:
+  * the unit is a (token, expert) pair, ranked by the router's affinity for that expert across all slots
+    (as V-MoE's batch-prioritised routing): a token can keep one expert of a device and lose another;
+  * under expert parallelism every rank caps its own tokens (a budget of CF x K x T_local / bins per bin)
+    rather than each device capping what it receives from all ranks; `devices` are the simulated devices
+    of the balance losses (`--devices`), which match the EP ranks only when chosen so.
 
 Shape legend: T tokens, K experts per token, N routed experts, D devices (N/D contiguous experts each).
 """
@@ -27,39 +34,42 @@ class TokenDropping:
     capacity_factor  each expert (level "expert") or device (level "device") accepts at most
                      ceil(capacity_factor * K * T / bins) pairs, bins = N or D
     devices          D for level "device": N/D contiguous experts per device (as expert parallelism places them)
-    protect_fraction the first round(protect_fraction * B) sequences of a (B, T) batch are never dropped (they
-                     still count against the capacity, and are served first)
+    Protected sequences (never dropped; served first, counting against the capacity) are chosen per step by
+    the trainer (`protected_sequences`) and given to `MoE.forward` through `MoE.protected_rows`.
     """
 
     capacity_factor: float
     level: str = "expert"
     devices: int = 1
-    protect_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
-            raise ValueError(f"capacity_factor must be a positive finite number, got {self.capacity_factor}")
+            raise ValueError(f"--capacity-factor must be a positive finite number, got {self.capacity_factor}")
         if self.level not in LEVELS:
-            raise ValueError(f"token dropping level must be one of {', '.join(LEVELS)}, got {self.level!r}")
-        if self.devices < 1:
-            raise ValueError(f"token dropping devices must be >= 1, got {self.devices}")
-        if not 0.0 <= self.protect_fraction <= 1.0:
-            raise ValueError(f"protect_fraction must be in [0, 1], got {self.protect_fraction}")
+            raise ValueError(f"--drop-level must be one of {', '.join(LEVELS)}, got {self.level!r}")
+        if self.level == "device" and self.devices < 2:
+            raise ValueError("--drop-level device needs --devices 2 or more (for one capacity per expert use "
+                             "--drop-level expert)")
 
     def check_experts(self, n_experts: int) -> None:
         if self.level == "device" and n_experts % self.devices:
-            raise ValueError(f"device-level token dropping: {self.devices} devices must divide the model's "
-                             f"{n_experts} routed experts")
+            raise ValueError(f"--devices {self.devices} must divide the model's {n_experts} routed experts "
+                             "(device-level token dropping groups them into equal devices)")
 
-    def keep_mask(self, affinity: torch.Tensor, indices: torch.Tensor, n_experts: int, batch: int) -> torch.Tensor:
-        """(T, K) bool keep-mask for one layer's routing; the T tokens are `batch` equal sequences in order."""
-        T = indices.shape[0]
-        protected = None
-        n_protected = round(self.protect_fraction * batch)
-        if n_protected:
-            protected = torch.arange(T, device=indices.device) < n_protected * (T // batch)
+    def keep_mask(self, affinity: torch.Tensor, indices: torch.Tensor, n_experts: int,
+                  protected: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, K) bool keep-mask for one layer's routing; protected (T,) bool marks tokens never dropped."""
         return capacity_mask(affinity, indices, n_experts, self.capacity_factor,
                              devices=self.devices if self.level == "device" else None, protected=protected)
+
+
+def protected_sequences(sequence_ids: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Which sequences are never dropped: sequence n (numbered over the whole run, e.g. step * global batch +
+    row) is protected when floor((n + 1) * fraction) > floor(n * fraction). Exactly `fraction` of all the
+    sequences a run sees (every 10th at 0.1) whatever the batch size or the number of ranks; fraction in
+    [0, 1]. -> bool, shaped like the ids."""
+    n = sequence_ids.to(torch.float64)
+    return torch.floor((n + 1) * fraction) > torch.floor(n * fraction)
 
 
 def capacity_mask(affinity: torch.Tensor, indices: torch.Tensor, n_experts: int, capacity_factor: float,

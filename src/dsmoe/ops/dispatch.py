@@ -77,29 +77,35 @@ def _prefer_grouped(xs: torch.Tensor, w1: torch.Tensor, autograd: bool) -> bool:
     bf16 training 1.03x, and in fp32 within 1-4% either way."""
     if not grouped_mm_usable(xs, w1):
         return False
-    low_precision_cpu_forward = xs.device.type == "cpu" and not autograd and xs.dtype != torch.float32
+    low_precision_cpu_forward = xs.device.type == "cpu" and not autograd and _compute_dtype(xs) != torch.float32
     return not (low_precision_cpu_forward and xs.shape[0] >= 16 * w1.shape[0])
 
 
 def grouped_mm_usable(xs: torch.Tensor, w1: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM takes these operands: torch >= 2.9 (CPU: fp32 / bf16 / fp16; CUDA: bf16
-    on SM80+) with every row a multiple of 16 bytes. Autocast decides the dtype the GEMMs would run in."""
+    on SM80+) with every row a multiple of 16 bytes, in the dtype the GEMMs would run in (autocast's)."""
     if _GROUPED_MM is None:
         return False
-    device = xs.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype
-    if device == "cpu":
+    dtype = _compute_dtype(xs)
+    if xs.device.type == "cpu":
         supported = dtype in (torch.float32, torch.bfloat16, torch.float16)
-    elif device == "cuda":
+    elif xs.device.type == "cuda":
         supported = dtype == torch.bfloat16 and torch.cuda.get_device_capability(xs.device) >= (8, 0)
     else:
         supported = False
-    itemsize = dtype.itemsize
-    return supported and all(n * itemsize % 16 == 0 for n in w1.shape[1:])
+    return supported and all(n * dtype.itemsize % 16 == 0 for n in w1.shape[1:])
 
 
-# The public name from torch 2.10, the private one in 2.9; None before (CPU kernels arrived in 2.9).
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer on x computes in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+# The public name from torch 2.10, the private one before. torch 2.8 has the private op but no CPU kernel and
+# a CUDA one for SM90 only; 2.9 brought both, so older versions use the per-expert loop.
+_GROUPED_MM = ((getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None))
+               if torch.torch_version.TorchVersion(torch.__version__) >= (2, 9) else None)
 
 
 def _grouped_experts(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], w1: torch.Tensor,
@@ -108,15 +114,15 @@ def _grouped_experts(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], w
     each on the CPU: no per-expert Python, no concatenation, and a backward that writes the stacked weight
     gradients directly; on the CPU the MoE layers alone train 1.1x (fp32) to 1.3x (bf16) faster than with
     `_looped_experts`, a whole model's step 1.0-1.03x)."""
-    device = xs.device.type
-    # grouped_mm is not autocast-aware: cast every operand of every GEMM as autocast's F.linear would (xs
-    # once per GEMM, so that its two gradients are summed in xs's dtype, as with F.linear).
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype
-    w1, w2, w3 = w1.to(dtype), w2.to(dtype), w3.to(dtype)
+    # grouped_mm is not autocast-aware: under autocast, cast every operand of every GEMM as F.linear would (xs
+    # once per GEMM, so that its two gradients are summed in xs's dtype, as with F.linear). Without autocast
+    # mixed dtypes are an error, as they are for F.linear.
+    cast = (lambda t: t.to(_compute_dtype(xs))) if torch.is_autocast_enabled(xs.device.type) else (lambda t: t)
+    w1, w2, w3 = cast(w1), cast(w2), cast(w3)
     ends = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(device=xs.device, dtype=torch.int32)
-    h1 = _GROUPED_MM(xs.to(dtype), w1.transpose(1, 2), offs=ends)
-    h = F.silu(h1) * _GROUPED_MM(xs.to(dtype), w3.transpose(1, 2), offs=ends)  # (P, I)
-    return _GROUPED_MM((h * gates).to(dtype), w2.transpose(1, 2), offs=ends)  # (P, D)
+    h1 = _GROUPED_MM(cast(xs), w1.transpose(1, 2), offs=ends)
+    h = F.silu(h1) * _GROUPED_MM(cast(xs), w3.transpose(1, 2), offs=ends)  # (P, I)
+    return _GROUPED_MM(cast(h * gates), w2.transpose(1, 2), offs=ends)  # (P, D)
 
 
 def _looped_experts(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], w1: torch.Tensor,
@@ -131,13 +137,11 @@ def _looped_experts(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], w1
         # unbind, not w1[e], for the same reason (its backward would be a zero tensor the size of all experts).
         w1, w2, w3 = w1.unbind(0), w2.unbind(0), w3.unbind(0)
         outs = [F.linear(_hidden(xe, w1[e], w3[e]) * ge, w2[e]) for e, xe, ge in chunks]
-        return torch.cat(outs) if outs else xs.new_zeros(0, D)
+        return torch.cat(outs) if outs else xs.new_zeros(0, D, dtype=_compute_dtype(xs))
     # Without autograd w1[e] is a free view, and each expert writes its rows of ys in place: with out= in
     # fp32 (MKL); other dtypes go through oneDNN, whose out= into a view makes a new primitive for most
     # calls once the per-expert row counts vary (2.7x slower bf16 training steps when tried there).
-    device = xs.device.type
-    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xs.dtype  # F.linear's
-    ys = xs.new_empty(xs.shape[0], D, dtype=out_dtype)
+    ys = xs.new_empty(xs.shape[0], D, dtype=_compute_dtype(xs))  # F.linear's output dtype
     for (e, xe, ge), ye in zip(chunks, ys.split(sizes)):
         h = _hidden(xe, w1[e], w3[e]) * ge
         if ys.dtype == torch.float32:

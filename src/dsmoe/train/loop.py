@@ -21,7 +21,7 @@ import torch
 from .. import parallel
 from ..checkpoint import load_pretrained
 from ..model import Transformer
-from ..ops.capacity import LEVELS, TokenDropping
+from ..ops.capacity import TokenDropping, protected_sequences
 from ..parallel import ParallelInfo
 from ..presets import get_preset
 from . import balance, checkpoint, data, metrics, tokenizer
@@ -70,20 +70,22 @@ class TrainConfig:
             raise ValueError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
-        if self.capacity_factor is not None and not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
-            raise ValueError(f"--capacity-factor must be a positive finite number, got {self.capacity_factor}")
-        if self.drop_level not in LEVELS:
-            raise ValueError(f"--drop-level must be one of {', '.join(LEVELS)}, got {self.drop_level!r}")
         if not 0.0 <= self.drop_protect <= 1.0:
             raise ValueError(f"--drop-protect must be a fraction in [0, 1], got {self.drop_protect}")
+        if self.capacity_factor is None and (self.drop_level, self.drop_protect) != ("expert", 0.1):
+            raise ValueError("--drop-level and --drop-protect shape token dropping: they need --capacity-factor")
 
-    def token_dropping(self, settings: BalanceSettings) -> TokenDropping | None:
-        """The MoE layers' dropping rule; device-level dropping uses the balance settings' --devices."""
-        if self.capacity_factor is None:
-            return None
-        if self.drop_level == "device" and settings.devices < 2:
-            raise ValueError("--drop-level device needs --devices 2 or more (one device would never drop)")
-        return TokenDropping(self.capacity_factor, self.drop_level, settings.devices, self.drop_protect)
+    def settings(self) -> tuple[BalanceSettings, TokenDropping | None]:
+        """The balancing and dropping rules for this run's preset, checked (ValueError naming the flag).
+        Device-level dropping groups the experts into the balance settings' --devices."""
+        config = get_preset(self.preset)
+        settings = BalanceSettings.paper_defaults(config, **self.balance)
+        settings.check_model(config)
+        dropping = None
+        if self.capacity_factor is not None:
+            dropping = TokenDropping(self.capacity_factor, self.drop_level, settings.devices)
+            dropping.check_experts(config.n_routed_experts)
+        return settings, dropping
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -134,7 +136,9 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
                          "ParallelInfo that init_distributed(cfg.ep, ...) returned")
     if not info.is_main:
         on_event = lambda event: None  # noqa: E731 - one reporter per run
-    # Settle the run directory first: a refused resume or an occupied --out fails before any corpus work.
+    # Settle the flags and the run directory first: a refused resume or an occupied --out fails before any
+    # corpus work.
+    settings, dropping = cfg.settings()
     _check_out_directory(cfg.out)
     state: dict[str, Any] = {"step": 0, "position": 0}
     if cfg.resume:
@@ -182,15 +186,11 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         parallel.broadcast_parameters(model, info)
         for warning in plan.warnings:
             on_event({"event": "status", "message": warning})
-    settings = BalanceSettings.paper_defaults(model.config, **cfg.balance)
-    settings.check_model(model.config)
     if "aux_free" in settings.schemes and not any(m.gate.bias is not None for m in model.moe_layers()):
         raise ValueError("--balance aux_free needs a model whose routers have a correction bias (topk_method noaux_tc)")
-    dropping = cfg.token_dropping(settings)
-    if dropping is not None:
-        dropping.check_experts(model.config.n_routed_experts)
     for moe in model.moe_layers(include_mtp=True):
         moe.token_dropping = dropping
+    my_rows = parallel.split_batch(torch.arange(cfg.batch_size), info)  # this rank's rows of each global batch
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     if cfg.resume:
         saved = _upgrade_optimizer_state(state["optimizer"], model, optimizer)
@@ -213,6 +213,10 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
             group["lr"] = lr
         tokens, position = train_stream.shuffled_windows(position, cfg.batch_size, cfg.seq_len, depth, cfg.seed)
         tokens = parallel.split_batch(tokens, info)  # this rank's rows of the global batch
+        if dropping is not None:
+            protected = protected_sequences(step * cfg.batch_size + my_rows, cfg.drop_protect)
+            for moe in layers:
+                moe.protected_rows = protected
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             losses = compute_losses(model, tokens, cfg.seq_len, settings, cfg.mtp_weight)
         floats = losses.as_floats()
@@ -294,10 +298,12 @@ def _resume_state(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     except (FileNotFoundError, checkpoint.DamagedCheckpoint) as err:
         raise TrainingError(str(err)) from None
     saved = state.get("train_config", {})
-    for name in ("preset", "batch_size", "seq_len", "seed"):  # the global batch; --ep may change
+    # The global batch and what a step computes must not change (--ep may: the result does not depend on it).
+    for name in ("preset", "batch_size", "seq_len", "seed", "capacity_factor", "drop_level", "drop_protect"):
         if name in saved and saved[name] != _jsonable(getattr(cfg, name)):
-            raise TrainingError(f"--resume with --{name.replace('_', '-')} {getattr(cfg, name)}, but the run "
-                                f"was started with {saved[name]}")
+            shown = lambda v: "(not given)" if v is None else v  # noqa: E731
+            raise TrainingError(f"--resume with --{name.replace('_', '-')} {shown(getattr(cfg, name))}, but the "
+                                f"run was started with {shown(saved[name])}")
     if state["step"] >= cfg.steps:
         raise TrainingError(f"{cfg.out} is already at step {state['step']} (--steps {cfg.steps}): nothing to do")
     return directory, state

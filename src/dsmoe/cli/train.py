@@ -53,7 +53,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-level", choices=LEVELS, default=d.drop_level,
                    help="what a capacity applies to: each expert, or each of --devices groups of experts")
     p.add_argument("--drop-protect", type=_fraction, default=d.drop_protect, metavar="F",
-                   help="fraction of each batch's sequences that are never dropped (DeepSeek-V2: about 10%%)")
+                   help="share of the run's sequences that are never dropped (0.1: every 10th; DeepSeek-V2: "
+                        "about 10%%)")
     p.add_argument("--ep", type=_positive_int, default=1, metavar="E",
                    help="expert-parallel ranks; under torchrun with N processes, N = E x data-parallel ranks")
     p.set_defaults(run=_run_train)

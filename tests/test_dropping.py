@@ -220,5 +220,8 @@ def test_training_with_dropping_reports_the_dropped_share(corpus, tmp_path, monk
     # A resumed run must drop as it did: other (or no) dropping flags are refused.
     with pytest.raises(TrainingError, match=r"--capacity-factor \(not given\), but the run was started with 0.5"):
         train(TrainConfig(out=tmp_path / "expert", resume=True, **{**small, "steps": 5}))
+    with pytest.raises(TrainingError, match="repeat its --capacity-factor, --drop-level, --drop-protect, --devices"):
+        train(TrainConfig(out=tmp_path / "device", resume=True, capacity_factor=1.0, drop_level="device",
+                          balance={"devices": 2}, **{**small, "steps": 5}))  # the preset's default was 4
     with pytest.raises(ValueError, match="need --capacity-factor"):
         TrainConfig(drop_level="device")

@@ -243,6 +243,9 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(corpus, tmp_path):
     (dict(preset="tiny-v2", balance={"schemes": ("device",), "devices": 3}), r"--devices 3 must divide"),
     (dict(capacity_factor=1.0, drop_level="device"), r"--drop-level device needs --devices 2 or more"),
     (dict(capacity_factor=1.0, drop_level="device", balance={"devices": 3}), r"--devices 3 must divide the model's 16"),
+    # flags are settled before the corpus is read: a missing corpus is not what fails
+    (dict(preset="tiny-v2", balance={"schemes": ("aux_free",)}, data=Path("/nonexistent")),
+     r"aux_free needs .* tiny-v2 routes with group_limited_greedy"),
 ])
 def test_bad_settings_fail_before_anything_is_written(corpus, tmp_path, change, message):
     (tmp_path / "FILE").write_text("x")

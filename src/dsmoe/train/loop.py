@@ -59,7 +59,7 @@ class TrainConfig:
     # never dropped: capacity_factor=1.0, drop_level="device" (over the balance settings' devices).
     capacity_factor: float | None = None
     drop_level: str = "expert"
-    drop_protect: float = 0.1  # fraction of each batch's sequences that are never dropped
+    drop_protect: float = 0.1  # share of the run's sequences never dropped (ops.capacity.protected_sequences)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -81,6 +81,9 @@ class TrainConfig:
         config = get_preset(self.preset)
         settings = BalanceSettings.paper_defaults(config, **self.balance)
         settings.check_model(config)
+        if "aux_free" in settings.schemes and config.topk_method != "noaux_tc":  # only V3 routers have a bias
+            raise ValueError("--balance aux_free needs a model whose routers have a correction bias "
+                             f"(topk_method noaux_tc; {self.preset} routes with {config.topk_method})")
         dropping = None
         if self.capacity_factor is not None:
             dropping = TokenDropping(self.capacity_factor, self.drop_level, settings.devices)
@@ -141,8 +144,16 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     settings, dropping = cfg.settings()
     _check_out_directory(cfg.out)
     state: dict[str, Any] = {"step": 0, "position": 0}
+    # What is dropped depends on the resolved rule (--devices may come from the preset) and on the rows each
+    # process caps, so a resumed run must have both unchanged to continue the same run.
+    dropping_record = ({"rule": asdict(dropping), "protect": cfg.drop_protect, "processes": info.world_size}
+                       if dropping is not None else None)
     if cfg.resume:
         ckpt_dir, state = _resume_state(cfg)
+        if "dropping" in state and state["dropping"] != dropping_record:
+            raise TrainingError(f"--resume: the run dropped tokens as {state['dropping']}, this command would drop "
+                                f"as {dropping_record}: repeat its --capacity-factor, --drop-level, --drop-protect, "
+                                "--devices and number of processes")
     elif (cfg.out / checkpoint.CURRENT).exists():
         raise TrainingError(f"{cfg.out} already holds a run: pass --resume to continue it or choose another --out")
     torch.manual_seed(cfg.seed)
@@ -186,8 +197,6 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         parallel.broadcast_parameters(model, info)
         for warning in plan.warnings:
             on_event({"event": "status", "message": warning})
-    if "aux_free" in settings.schemes and not any(m.gate.bias is not None for m in model.moe_layers()):
-        raise ValueError("--balance aux_free needs a model whose routers have a correction bias (topk_method noaux_tc)")
     for moe in model.moe_layers(include_mtp=True):
         moe.token_dropping = dropping
     my_rows = parallel.split_batch(torch.arange(cfg.batch_size), info)  # this rank's rows of each global batch
@@ -244,7 +253,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
             log.write(record)
         on_event({"event": "step", **record})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _save(cfg, model, optimizer, info, tokenizer_json, step + 1, position)
+            _save(cfg, model, optimizer, info, tokenizer_json, step + 1, position, dropping_record)
             on_event({"event": "saved", "step": step + 1})
     if info.is_main:
         metrics.plot_run(cfg.out)
@@ -253,9 +262,9 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
 
 
 def _save(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer, info: ParallelInfo,
-          tokenizer_json: str, step: int, position: int) -> None:
+          tokenizer_json: str, step: int, position: int, dropping: dict[str, Any] | None) -> None:
     """Every rank joins the gathering of expert shards; the main rank writes one full checkpoint, which
-    any number of processes can resume from."""
+    any number of processes can resume from (the same number when tokens are dropped: `dropping`)."""
     full_model, full_optimizer = model, optimizer.state_dict()
     if info.distributed:
         full_model = parallel.unshard_experts(model, info)
@@ -263,7 +272,7 @@ def _save(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer
     if info.is_main:
         checkpoint.save_checkpoint(cfg.out, full_model, tokenizer_json, {
             "step": step, "position": position, "optimizer": full_optimizer,
-            "rng": checkpoint.rng_state(), "train_config": _jsonable(asdict(cfg))})
+            "rng": checkpoint.rng_state(), "train_config": _jsonable(asdict(cfg)), "dropping": dropping})
     parallel.barrier(info)
 
 
@@ -298,7 +307,8 @@ def _resume_state(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     except (FileNotFoundError, checkpoint.DamagedCheckpoint) as err:
         raise TrainingError(str(err)) from None
     saved = state.get("train_config", {})
-    # The global batch and what a step computes must not change (--ep may: the result does not depend on it).
+    # The global batch and what a step computes must not change (--ep may: the result does not depend on it,
+    # except through token dropping, checked by the caller).
     for name in ("preset", "batch_size", "seq_len", "seed", "capacity_factor", "drop_level", "drop_protect"):
         if name in saved and saved[name] != _jsonable(getattr(cfg, name)):
             shown = lambda v: "(not given)" if v is None else v  # noqa: E731

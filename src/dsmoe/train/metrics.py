@@ -35,8 +35,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_run(out: Path) -> list[Path]:
-    """loss.png (train / validation / MTP losses and MaxVio) and expert_load.png (layers x experts,
-    mean load over the last quarter of the run)."""
+    """loss.png (train / validation / MTP losses; MaxVio, and the dropped share when tokens were dropped) and
+    expert_load.png (layers x experts, mean load over the last quarter of the run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,6 +59,11 @@ def plot_run(out: Path) -> list[Path]:
     ax_vio.plot(steps, [r.get("max_vio_mean", 0.0) for r in records], linewidth=1)
     ax_vio.set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", title="load imbalance")
     ax_vio.grid(alpha=0.3)
+    if "dropped" in records[-1]:  # token dropping: the share of (token, expert) pairs dropped, on its own axis
+        ax_drop = ax_vio.twinx()
+        ax_drop.plot(steps, [100 * r.get("dropped", 0.0) for r in records], color="tab:red", linewidth=1)
+        ax_drop.set_ylabel("pairs dropped (%)", color="tab:red")
+        ax_vio.set_title("load imbalance and token dropping")
     fig.tight_layout()
     paths = [out / "loss.png"]
     fig.savefig(paths[0], dpi=110)

@@ -151,9 +151,9 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     if cfg.resume:
         ckpt_dir, state = _resume_state(cfg)
         if "dropping" in state and state["dropping"] != dropping_record:
-            raise TrainingError(f"--resume: the run dropped tokens as {state['dropping']}, this command would drop "
-                                f"as {dropping_record}: repeat its --capacity-factor, --drop-level, --drop-protect, "
-                                "--devices and number of processes")
+            raise TrainingError(f"--resume: the run dropped tokens with {_describe_dropping(state['dropping'])}, "
+                                f"this command would with {_describe_dropping(dropping_record)}: repeat its "
+                                "--capacity-factor, --drop-level, --drop-protect, --devices and number of processes")
     elif (cfg.out / checkpoint.CURRENT).exists():
         raise TrainingError(f"{cfg.out} already holds a run: pass --resume to continue it or choose another --out")
     torch.manual_seed(cfg.seed)
@@ -331,6 +331,15 @@ def _check_out_directory(out: Path) -> None:
 def _describe_current(out: Path) -> str:
     current = out / checkpoint.CURRENT
     return str(current.resolve()) if current.exists() else "none was saved yet"
+
+
+def _describe_dropping(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "no dropping"
+    rule = record["rule"]
+    per = f"device ({rule['devices']} devices)" if rule["level"] == "device" else "expert"
+    processes = f"{record['processes']} process{'es' if record['processes'] > 1 else ''}"
+    return f"capacity factor {rule['capacity_factor']} per {per}, {record['protect']} protected, {processes}"
 
 
 def _jsonable(value: Any) -> Any:

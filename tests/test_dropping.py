@@ -182,6 +182,26 @@ def test_moe_drops_in_train_mode_only():
             moe(x)
 
 
+def test_model_level_switch_for_custom_training_loops():
+    torch.manual_seed(0)
+    model = dsmoe.Transformer(dsmoe.get_preset("tiny-v2").replace(num_hidden_layers=2)).train()
+    ids = torch.randint(0, model.config.vocab_size, (4, 12))
+    with torch.no_grad():
+        plain = model(ids)
+        model.set_token_dropping(TokenDropping(0.5, level="device", devices=4), protected_sequences(torch.arange(4), 0.25))
+        dropped = model(ids)
+        assert all(moe.last_routing.keep is not None for moe in model.moe_layers())
+        assert not torch.allclose(dropped, plain)
+        # the protected row (sequence 3: floor(4 * 0.25) > floor(3 * 0.25)) drops nothing: the same logits up to
+        # the summation order of matmuls over other row sets
+        torch.testing.assert_close(dropped[3], plain[3], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(dropped[:3], plain[:3], atol=1e-3)
+        model.set_token_dropping(None)
+        assert torch.equal(model(ids), plain)
+    with pytest.raises(ValueError, match="--devices 3 must divide the model's 16"):
+        model.set_token_dropping(TokenDropping(1.0, level="device", devices=3))
+
+
 # ------------------------------------------------------------------------------------ training
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.capacity import TokenDropping
 from .attention import GQAttention, MLAttention, Rope, causal_mask
 from .cache import LayerCache, ModelCache
 from .layers import MLP, RMSNorm, RotaryEmbedding
@@ -100,6 +101,15 @@ class Transformer(nn.Module):
         """"sorted" (default) or "loop" (reference) token dispatch in every MoE layer."""
         for moe in self.moe_layers(include_mtp=True):
             moe.dispatch = mode
+
+    def set_token_dropping(self, rule: TokenDropping | None, protected_rows: torch.Tensor | None = None) -> None:
+        """Token dropping in train mode for every MoE layer (None: off), and which rows (B,) bool of the next
+        batches are never dropped (see dsmoe.ops.capacity.protected_sequences); a custom training loop calls it
+        with the rows of each step's batch."""
+        if rule is not None:
+            rule.check_experts(self.config.n_routed_experts)
+        for moe in self.moe_layers(include_mtp=True):
+            moe.token_dropping, moe.protected_rows = rule, protected_rows
 
     def check_input(self, input_ids: torch.Tensor, start_pos: int = 0) -> None:
         if input_ids.ndim != 2:

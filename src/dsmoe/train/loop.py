@@ -197,8 +197,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         parallel.broadcast_parameters(model, info)
         for warning in plan.warnings:
             on_event({"event": "status", "message": warning})
-    for moe in model.moe_layers(include_mtp=True):
-        moe.token_dropping = dropping
+    model.set_token_dropping(dropping)
     my_rows = parallel.split_batch(torch.arange(cfg.batch_size), info)  # this rank's rows of each global batch
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     if cfg.resume:
@@ -223,9 +222,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         tokens, position = train_stream.shuffled_windows(position, cfg.batch_size, cfg.seq_len, depth, cfg.seed)
         tokens = parallel.split_batch(tokens, info)  # this rank's rows of the global batch
         if dropping is not None:
-            protected = protected_sequences(step * cfg.batch_size + my_rows, cfg.drop_protect)
-            for moe in layers:
-                moe.protected_rows = protected
+            model.set_token_dropping(dropping, protected_sequences(step * cfg.batch_size + my_rows, cfg.drop_protect))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             losses = compute_losses(model, tokens, cfg.seq_len, settings, cfg.mtp_weight)
         floats = losses.as_floats()

@@ -122,9 +122,7 @@ def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Te
     wanted = {hf for names in plan.values() for hf in names}
     mtp_layers = mtp_layer_indices(config, present)
     for hf in sorted(present - wanted):
-        # transformers and DeepSeek's code build 0-wide shared experts when n_shared_experts is 0, and save them
-        empty_shared = config.n_shared_experts == 0 and ".mlp.shared_experts." in hf and 0 in reader.shape(hf)
-        if not (empty_shared or is_ignored_hf_name(config, hf, with_mtp, mtp_layers)):
+        if not is_ignored_hf_name(config, hf, with_mtp, mtp_layers, reader.shape(hf)):
             raise CheckpointError(f"unexpected tensor {hf!r} in {reader.directory / reader.file_of[hf]} "
                                   f"(not part of a {config.model_type} model with this config.json)")
     return plan

@@ -123,7 +123,8 @@ def mtp_layer_indices(config: ModelConfig, names: set[str]) -> set[int]:
     return found
 
 
-def is_ignored_hf_name(config: ModelConfig, name: str, with_mtp: bool, mtp_layers: set[int]) -> bool:
+def is_ignored_hf_name(config: ModelConfig, name: str, with_mtp: bool, mtp_layers: set[int],
+                       shape: tuple[int, ...]) -> bool:
     """Tensors a checkpoint may hold that the model does not need.
 
     - rotary `inv_freq` tables (older exports store them; we recompute);
@@ -131,13 +132,17 @@ def is_ignored_hf_name(config: ModelConfig, name: str, with_mtp: bool, mtp_layer
     - the MTP layers' copies of the shared embedding and head;
     - all of the MTP layers (`mtp_layers`, see mtp_layer_indices) when the model is built without them
       (transformers' DeepseekV3ForCausalLM drops them the same way);
-    - `lm_head.weight` of a model with tied embeddings (the head is the embedding; transformers ignores it too).
+    - `lm_head.weight` of a model with tied embeddings (the head is the embedding; transformers ignores it too);
+    - 0-wide shared experts of a model with n_shared_experts 0 (transformers and DeepSeek's code build and save
+      them).
     Any other layer at or past num_hidden_layers is not ignored: a config.json that declares fewer layers
     than the checkpoint holds must fail, not load a truncated model.
     """
     if name.endswith("rotary_emb.inv_freq") or name.endswith("_scale_inv"):
         return True
     if config.tie_word_embeddings and name == "lm_head.weight":
+        return True
+    if config.n_shared_experts == 0 and ".mlp.shared_experts." in name and 0 in shape:
         return True
     if name.startswith("model.layers."):
         layer, rest = name.split(".", 3)[2:]

@@ -118,19 +118,16 @@ class ExpertParallelExperts(nn.Module):
         C, ep = self.w1.shape[0], self.ep_size
         indices = routing.indices.long()  # (T, K) global expert ids
         dest = indices // C  # (T, K) rank holding each pick
-        if routing.keep is None:
-            hit = torch.zeros(T, ep, dtype=torch.bool, device=x.device).scatter_(1, dest, True)  # (T, ep)
-        else:  # a dropped pair sends nothing: count only kept picks per rank
-            hit = torch.zeros(T, ep, dtype=torch.int32, device=x.device).scatter_add_(
-                1, dest, routing.keep.int()) > 0
+        kept = torch.ones_like(dest, dtype=torch.bool) if routing.keep is None else routing.keep  # (T, K)
+        # a pair dropped by a capacity sends nothing: a token goes to the ranks of its kept picks
+        hit = torch.zeros(T, ep, dtype=torch.int32, device=x.device).scatter_add_(1, dest, kept.int()) > 0  # (T, ep)
         rank_of_row, token_of_row = hit.t().nonzero(as_tuple=True)  # (R,), ordered by rank, then token
         send = hit.sum(dim=0)  # (ep,) rows for each rank
         recv = exchange_counts(send, self.group)
         send_splits, recv_splits = send.tolist(), recv.tolist()
 
-        mine = dest.index_select(0, token_of_row) == rank_of_row[:, None]  # (R, K) slots held by the row's rank
-        if routing.keep is not None:
-            mine &= routing.keep.index_select(0, token_of_row)
+        # (R, K) kept slots held by the row's rank
+        mine = (dest.index_select(0, token_of_row) == rank_of_row[:, None]) & kept.index_select(0, token_of_row)
         local_ids = indices.index_select(0, token_of_row) - rank_of_row[:, None] * C  # (R, K)
         ids = torch.where(mine, local_ids, -1).float()  # exact for any realistic expert count (< 2**24)
         weights = torch.where(mine, routing.weights.index_select(0, token_of_row), 0.0)  # (R, K) fp32

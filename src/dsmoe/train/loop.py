@@ -197,7 +197,6 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         parallel.broadcast_parameters(model, info)
         for warning in plan.warnings:
             on_event({"event": "status", "message": warning})
-    model.set_token_dropping(dropping)
     my_rows = parallel.split_batch(torch.arange(cfg.batch_size), info)  # this rank's rows of each global batch
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     if cfg.resume:

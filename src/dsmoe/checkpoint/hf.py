@@ -167,7 +167,7 @@ def _checkpoint_dtype(reader: ShardReader) -> torch.dtype:
 
 
 def _fp8_block(config: ModelConfig) -> tuple[int, int]:
-    quant = config.extra.get("quantization_config") or {}
+    quant = config.quantization_config or {}
     block = quant.get("weight_block_size") or DEFAULT_BLOCK
     return (int(block[0]), int(block[1]))
 

@@ -146,10 +146,11 @@ class ModelConfig:
     quantization_config: dict[str, Any] | None = _f(None, QUANTIZATION_CONFIG)
     # Keys of the source config.json we do not model, kept so that to_hf() round-trips them.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    # The config.json this was read from (config_json.HFSource), so that to_hf() writes back what it held.
-    _hf_source: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # The config.json this was read from (config_json.HFSource, set by from_hf), so that to_hf() writes back
+        # what it held. A plain attribute, not a field: asdict() / ModelConfig(**d) stay as they were.
+        self._hf_source: Any = None
         self.check_types()  # before anything below compares or normalises a value
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)

@@ -162,9 +162,11 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
     style = "v5" if isinstance(raw.get("rope_parameters"), dict) and raw["rope_parameters"] else "hub"
     values.update(_rope_from_hf(raw, values.get("rope_theta", ModelConfig.rope_theta), strict))
     if model_type in MLA_MODEL_TYPES:
-        # transformers writes head_dim = qk_rope_head_dim for MLA models; it is not a GQA head size.
-        values.pop("head_dim", None)
-        values.pop("num_key_value_heads", None)
+        # transformers writes head_dim = qk_rope_head_dim for MLA models; it is not a GQA head size. Both
+        # keys are unused here, but a wrongly typed one is still a broken file.
+        for name in ("head_dim", "num_key_value_heads"):
+            if name in values:
+                check(name, values.pop(name), specs[name]["kind"])
     if model_type == "mixtral":
         # each expert is intermediate_size wide; a moe_intermediate_size that differs is refused by validate()
         values.setdefault("moe_intermediate_size", values.get("intermediate_size", ModelConfig.intermediate_size))

@@ -107,6 +107,15 @@ class GenerationConfig:
         return out
 
 
+def generation_config_from_model_config(bos_token_id: Any, eos_token_id: Any,
+                                        pad_token_id: Any) -> GenerationConfig | None:
+    """A generation config carrying config.json's token ids, as transformers derives one for a checkpoint that
+    ships none; None when all three are null (nothing worth writing)."""
+    if bos_token_id is None and not eos_token_id and pad_token_id is None:
+        return None
+    return GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
 def read_generation_config(directory: str | Path) -> GenerationConfig | None:
     """directory/generation_config.json parsed, or None when the file is absent.
 
@@ -126,5 +135,6 @@ def read_generation_config(directory: str | Path) -> GenerationConfig | None:
 
 
 def write_generation_config(directory: str | Path, config: GenerationConfig) -> None:
-    """Write directory/generation_config.json atomically (mode 0644, like the other checkpoint files)."""
+    """Write directory/generation_config.json atomically (mode 0666 less the umask, like the other checkpoint
+    files)."""
     atomic_write_text(Path(directory) / FILE_NAME, json.dumps(config.to_dict(), indent=2) + "\n")

@@ -58,11 +58,14 @@ class Transformer(nn.Module):
     """`Transformer(config)(input_ids)` -> logits (B, T, V) in fp32 for training and comparison.
 
     with_mtp: build the config's `num_nextn_predict_layers` MTP modules (default: yes when it has any).
+    generation_config: the checkpoint's generation_config.json (dsmoe.checkpoint.GenerationConfig: EOS ids,
+    sampling defaults) when loaded by load_pretrained, else None; save_pretrained writes it back.
     """
 
     def __init__(self, config: ModelConfig, with_mtp: bool | None = None) -> None:
         super().__init__()
         self.config = config
+        self.generation_config = None  # set by load_pretrained (checkpoint/ is not imported by model code)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rope = RotaryEmbedding(config)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))

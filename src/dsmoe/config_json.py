@@ -122,13 +122,14 @@ def _harmless(name: str, value: Any, model_type: str, spec: dict[str, Any]) -> b
     return value is None or same(value, spec["off"]) or same(value, _FAMILY_DEFAULTS[model_type].get(name, _NO_OFF))
 
 
-def _report_unknown(where: str, key: str, guess: str, strict: bool) -> None:
+def _report_unknown(where: str, key: str, guess: str, strict: bool, stacklevel: int = 4) -> None:
+    """Warn (stacklevel: pointing at the caller of ModelConfig.from_hf) or, strict, raise."""
     message = (f"config.json: unknown key {where}{key!r}; did you mean {guess!r}? "
                f"(ignored, so {guess} keeps its default)")
     if strict:
         raise ValueError(f"ModelConfig.{where}{key}: unknown key; did you mean {guess!r}? "
                          "(refused: strict config checking)")
-    warnings.warn(message, ConfigKeyWarning, stacklevel=4)
+    warnings.warn(message, ConfigKeyWarning, stacklevel=stacklevel)
 
 
 def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], strict: bool) -> ModelConfig:
@@ -195,7 +196,7 @@ def _rope_from_hf(raw: dict[str, Any], default_theta: float, strict: bool) -> di
     for key in scaling or {}:
         guess = None if key in ROPE_PARAMETER_KEYS else close_key(key, set(ROPE_PARAMETER_KEYS) - set(scaling))
         if guess:
-            _report_unknown(f"{where}.", key, guess, strict)
+            _report_unknown(f"{where}.", key, guess, strict, stacklevel=5)
     check("rope_theta", theta, POSITIVE_NUMBER)
     return {"rope_theta": float(theta), "rope_scaling": scaling or None}
 

@@ -19,8 +19,8 @@ from dsmoe.checkpoint import GenerationConfig
 from dsmoe.generate import generate
 from dsmoe.presets import get_preset
 
-SOURCE = {"bos_token_id": 1, "eos_token_id": [2, 5], "do_sample": True, "temperature": 0.6, "top_p": 0.95,
-          "transformers_version": "4.46.3", "repetition_penalty": 1.05}
+SOURCE = {"bos_token_id": 1, "eos_token_id": [2, 5], "pad_token_id": None, "do_sample": True, "temperature": 0.6,
+          "top_p": 0.95, "transformers_version": "4.46.3", "repetition_penalty": 1.05}
 
 
 def _tiny(vocab: int = 64, **changes) -> dsmoe.Transformer:
@@ -41,6 +41,14 @@ def test_load_reads_and_save_writes_back_the_source_keys(tmp_path):
     assert gen.sampling_defaults() == {"temperature": 0.6, "top_p": 0.95, "top_k": None}
     dsmoe.save_pretrained(model, tmp_path / "b")
     assert json.loads((tmp_path / "b" / "generation_config.json").read_text()) == SOURCE
+
+
+def test_generation_config_keeps_the_files_spelling():
+    raw = {"eos_token_id": [2], "pad_token_id": None, "top_k": 0}
+    gen = GenerationConfig.from_dict(raw)
+    assert gen.to_dict() == raw  # a one-id list stays a list, null stays null
+    gen.eos_token_id = [4]
+    assert gen.to_dict() == {"eos_token_id": 4, "pad_token_id": None, "top_k": 0}
 
 
 def test_save_writes_config_json_ids_or_the_given_generation_config(tmp_path):

@@ -18,6 +18,7 @@ file lacked appear only when their value changed; nothing of another model type 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
@@ -177,7 +178,8 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
         if style == "v5" and str(err).startswith("ModelConfig.rope_scaling"):  # name the key the file used
             raise ValueError(str(err).replace("ModelConfig.rope_scaling", "ModelConfig.rope_parameters", 1)) from None
         raise
-    config._hf_source = HFSource(raw, _fresh(config, style), frozenset(extra), style)
+    # a private copy: the caller may reuse its dict (and its nested rope dict) for something else
+    config._hf_source = HFSource(copy.deepcopy(raw), _fresh(config, style), frozenset(extra), style)
     return config
 
 

@@ -122,3 +122,24 @@ def test_real_extra_keys_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ModelConfig.from_hf(raw, strict=True)
+
+
+def test_misspelled_layer_count_is_named_when_the_load_then_fails(tmp_path):
+    import json
+
+    import dsmoe
+    from dsmoe.checkpoint import CheckpointError
+
+    config = get_preset("tiny-v1").replace(num_hidden_layers=3, vocab_size=64, hidden_size=32, intermediate_size=48,
+                                           moe_intermediate_size=16)
+    dsmoe.save_pretrained(dsmoe.Transformer(config), tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["num_hiden_layers"] = raw.pop("num_hidden_layers")  # the default (2) layers then leave layer 2 unexpected
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.warns(ConfigKeyWarning), pytest.raises(CheckpointError) as err:
+        dsmoe.load_pretrained(tmp_path)
+    assert "unexpected tensor 'model.layers.2." in str(err.value)
+    assert str(err.value).endswith("config.json has unknown key(s) 'num_hiden_layers' (did you mean "
+                                   "'num_hidden_layers'?)")
+    with pytest.raises(ValueError, match=r"^ModelConfig\.num_hiden_layers: unknown key; did you mean"):
+        dsmoe.load_pretrained(tmp_path, strict=True)

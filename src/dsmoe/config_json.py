@@ -55,6 +55,7 @@ class HFSource:
     written: dict[str, Any]  # config_to_hf of the fresh config at read time: what each key read back as
     extra_keys: frozenset[str]  # the raw keys that went to `extra`
     style: str  # "v5" (rope_parameters) or "hub" (rope_theta + rope_scaling)
+    typos: dict[str, str] = dataclasses.field(default_factory=dict)  # unknown key -> the known key it resembles
 
 
 def _specs() -> dict[str, dict[str, Any]]:
@@ -141,6 +142,7 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
     values: dict[str, Any] = {"model_type": model_type, **_FAMILY_DEFAULTS[model_type]}
     extra: dict[str, Any] = {}
     foreign: list[str] = []
+    typos: dict[str, str] = {}
     known = set(table) | set(ROPE_KEYS) | {"model_type", "architectures"}
     for key, value in raw.items():
         if key in ROPE_KEYS or key in ("model_type", "architectures"):
@@ -149,6 +151,7 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
             guess = None if key in COMMON_KEYS else close_key(key, known - set(raw))
             if guess:
                 _report_unknown("", key, guess, strict)
+                typos[key] = guess
             extra[key] = value
             continue
         name, families = table[key]
@@ -179,7 +182,7 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
             raise ValueError(str(err).replace("ModelConfig.rope_scaling", "ModelConfig.rope_parameters", 1)) from None
         raise
     # a private copy: the caller may reuse its dict (and its nested rope dict) for something else
-    config._hf_source = HFSource(copy.deepcopy(raw), _fresh(config, style), frozenset(extra), style)
+    config._hf_source = HFSource(copy.deepcopy(raw), _fresh(config, style), frozenset(extra), style, typos)
     return config
 
 

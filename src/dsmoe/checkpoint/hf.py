@@ -45,6 +45,21 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, str
         raise FileNotFoundError(f"{directory}: no such model directory")
     config = ModelConfig.from_hf(directory, strict=strict)
     generation_config = read_generation_config(directory)
+    try:
+        model = _load(directory, config, dtype)
+    except CheckpointError as err:
+        typos = config._hf_source.typos
+        if not typos:
+            raise
+        # a misspelled key left its field at the default: that, not the tensor, is what to fix
+        hint = "; ".join(f"{key!r} (did you mean {meant!r}?)" for key, meant in typos.items())
+        raise CheckpointError(f"{err}; config.json has unknown key(s) {hint}") from None
+    model.generation_config = generation_config
+    return model.eval()
+
+
+def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None) -> Transformer:
+    """The weights of `directory` into a model of `config` (see load_pretrained)."""
     block = _fp8_block(config)
     with ShardReader(directory) as reader:
         with_mtp = checkpoint_has_mtp(config, set(reader.names()))
@@ -65,8 +80,7 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, str
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.head.weight = model.embed.weight
-    model.generation_config = generation_config
-    return model.eval()
+    return model
 
 
 def save_pretrained(model: Transformer, directory: str | Path, max_shard_size: int | str = "5GB",

@@ -177,6 +177,16 @@ def test_keys_of_another_model_type_that_would_change_the_model_are_refused(fami
         ModelConfig.from_hf({**SOURCES[family], key: value})
 
 
+@pytest.mark.parametrize("preset,field,value", [("tiny-mixtral", "n_shared_experts", 2),
+                                                ("tiny-v1", "topk_method", "noaux_tc"),
+                                                ("tiny-v3", "sliding_window", 8), ("tiny-v1", "sliding_window", 8)])
+def test_configs_built_in_python_refuse_settings_of_another_model_type(preset, field, value):
+    from dsmoe.presets import PRESETS
+
+    with pytest.raises(ValueError, match=rf"^ModelConfig\.{field}: is a setting of .* models, not "):
+        ModelConfig(**{**PRESETS[preset], field: value})
+
+
 @pytest.mark.parametrize("family,key,value", [
     ("mixtral", "n_shared_experts", 0), ("mixtral", "norm_topk_prob", True), ("mixtral", "attention_bias", False),
     ("deepseek", "topk_method", "greedy"), ("deepseek", "q_lora_rank", None), ("deepseek_v3", "sliding_window", None),

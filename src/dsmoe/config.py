@@ -83,14 +83,19 @@ QUANTIZATION_CONFIG = optional(schema("an object", {
     "quant_method": STRING, "fmt": STRING, "activation_scheme": STRING, "weight_block_size": BLOCK_SIZE}))
 
 
-def _f(default: Any, kind: Kind, families: tuple[str, ...] | None = None, off: Any = _NO_OFF,
-       factory: Any = None) -> Any:
+def _f(default: Any, kind: Kind, families: tuple[str, ...] | None = None, off: Any = _NO_OFF) -> Any:
     """A ModelConfig field: default, kind (checked by check_types), the model types whose config.json carries
     it (None: all), and `off`, the value meaning "feature absent" that any model type's file may carry."""
-    meta = {"kind": kind, "families": families, "off": off}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata={"kind": kind, "families": families, "off": off})
+
+
+def inert_value(name: str, value: Any, model_type: str, spec: dict[str, Any]) -> bool:
+    """Whether a field that `model_type` does not carry holds a value that changes nothing for it: null, the
+    field's `off` value, or the value this model type fixes anyway (_FAMILY_DEFAULTS)."""
+    def same(a: Any, b: Any) -> bool:
+        return b is not _NO_OFF and a == b and isinstance(a, bool) == isinstance(b, bool)  # true is not 1
+
+    return value is None or same(value, spec["off"]) or same(value, _FAMILY_DEFAULTS[model_type].get(name, _NO_OFF))
 
 
 @dataclass
@@ -249,12 +254,15 @@ class ModelConfig:
         def fail(name: str, msg: str) -> None:
             raise ValueError(f"ModelConfig.{name}: {msg}")
 
+        for f in dataclasses.fields(self):  # a setting of another model type would be ignored, and lost by to_hf
+            families, value = f.metadata.get("families"), getattr(self, f.name)
+            if families and self.model_type not in families and value != f.default and not inert_value(
+                    f.name, value, self.model_type, f.metadata):
+                fail(f.name, f"is a setting of {', '.join(families)} models, not {self.model_type}; got {value!r}")
+
         if self.uses_mla:
             if self.qk_rope_head_dim % 2:
                 fail("qk_rope_head_dim", f"must be even (rope rotates pairs), got {self.qk_rope_head_dim}")
-            if self.sliding_window is not None:
-                fail("sliding_window", f"sliding-window attention is a GQA feature (Mixtral); a {self.model_type} "
-                     f"model attends with MLA: use null, got {self.sliding_window!r}")
         else:
             if self.num_key_value_heads is not None and self.num_attention_heads % self.num_key_value_heads:
                 fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide "

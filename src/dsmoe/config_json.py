@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import (_ARCHITECTURES, _FAMILY_DEFAULTS, _HF_ALIASES, _HF_NAMES, _NO_OFF, MLA_MODEL_TYPES,
-                     MODEL_TYPES, ModelConfig)
+from .config import (_ARCHITECTURES, _FAMILY_DEFAULTS, _HF_ALIASES, _HF_NAMES, MLA_MODEL_TYPES, MODEL_TYPES,
+                     ModelConfig, inert_value)
 from .config_types import POSITIVE_NUMBER, check, close_key
 
 ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")
@@ -116,14 +116,6 @@ def resolve_model_type(raw: dict[str, Any]) -> str:
                      f"({', '.join(_ARCHITECTURES.values())})")
 
 
-def _harmless(name: str, value: Any, model_type: str, spec: dict[str, Any]) -> bool:
-    """A key of another model type that changes nothing here: null, its `off` value, or this family's value."""
-    def same(a: Any, b: Any) -> bool:
-        return b is not _NO_OFF and a == b and isinstance(a, bool) == isinstance(b, bool)  # true is not 1
-
-    return value is None or same(value, spec["off"]) or same(value, _FAMILY_DEFAULTS[model_type].get(name, _NO_OFF))
-
-
 def _report_unknown(where: str, key: str, guess: str, strict: bool, stacklevel: int = 4) -> None:
     """Warn (stacklevel: pointing at the caller of ModelConfig.from_hf) or, strict, raise."""
     message = (f"config.json: unknown key {where}{key!r}; did you mean {guess!r}? "
@@ -157,7 +149,7 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
         name, families = table[key]
         if model_type in families:
             values[name] = value
-        elif not _harmless(name, value, model_type, specs[name]):
+        elif not inert_value(name, value, model_type, specs[name]):
             foreign.append(f"{key}={value!r}")
     if foreign:
         owners = sorted({t for item in foreign for t in table[item.split("=")[0]][1]})

@@ -62,6 +62,12 @@ _FAMILY_PRESET = {"deepseek": "tiny-v1", "deepseek_v2": "tiny-v2", "deepseek_v3"
 _CHECKED = [f for f in dataclasses.fields(ModelConfig) if "kind" in f.metadata]
 
 
+def test_every_field_declares_its_kind():
+    """A field added without _f(default, kind, families) would be read from config.json unchecked."""
+    plain = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra" and "kind" not in f.metadata]
+    assert not plain, f"declare these fields with _f(...): {plain}"
+
+
 def _carrying_preset(f: dataclasses.Field) -> str:
     families = f.metadata["families"] or ("deepseek_v3",)
     return _FAMILY_PRESET[families[-1]]

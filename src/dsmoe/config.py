@@ -37,7 +37,7 @@ HIDDEN_ACTS = ("silu",)
 # Which model types' config.json carries a field (None on a field: all of them).
 DEEPSEEK = tuple(t for t in MODEL_TYPES if t != "mixtral")
 V2_ON = MLA_MODEL_TYPES  # group-limited routing, scaling factor and MLA arrived with DeepSeek-V2
-V3_ON = ("deepseek_v3",)  # rope_interleave, MTP
+V3_ON = tuple(t for t in MLA_MODEL_TYPES if t != "deepseek_v2")  # rope_interleave, MTP: V3 and later
 MIXTRAL = ("mixtral",)
 
 # Family defaults that config.json files routinely leave out (they live in the model code upstream). A

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import (_ARCHITECTURES, _FAMILY_DEFAULTS, _HF_ALIASES, _HF_NAMES, MLA_MODEL_TYPES, MODEL_TYPES,
-                     ModelConfig, inert_value)
-from .config_types import POSITIVE_NUMBER, check, close_key
+from .config import (_ARCHITECTURES, _FAMILY_DEFAULTS, _HF_ALIASES, _HF_NAMES, _NO_OFF, MLA_MODEL_TYPES,
+                     MODEL_TYPES, ModelConfig, inert_value)
+from .config_types import POSITIVE_NUMBER, Kind, check, close_key
 
 ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta")
 ROPE_PARAMETER_KEYS = ("rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "mscale",
@@ -41,6 +41,10 @@ COMMON_KEYS = frozenset({
     "max_window_layers", "_name_or_path", "return_dict", "output_hidden_states", "output_attentions",
     "is_encoder_decoder", "num_experts", "layer_types", "chunk_size_feed_forward",
 })
+
+
+_MISSING = object()
+_ANY = Kind("anything", lambda v: True)
 
 
 class ConfigKeyWarning(UserWarning):
@@ -59,7 +63,10 @@ class HFSource:
 
 
 def _specs() -> dict[str, dict[str, Any]]:
-    return {f.name: f.metadata for f in dataclasses.fields(ModelConfig) if "kind" in f.metadata}
+    """Field -> its declaration (kind, families, off); a field declared without _f() counts as carried by
+    every model type and unchecked (tests/test_config_types.py asks every field to declare its kind)."""
+    plain = {"kind": None, "families": None, "off": _NO_OFF}
+    return {f.name: {**plain, **f.metadata} for f in dataclasses.fields(ModelConfig) if f.name != "extra"}
 
 
 def _hf_key(name: str, model_type: str) -> str:
@@ -163,7 +170,7 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
         # keys are unused here, but a wrongly typed one is still a broken file.
         for name in ("head_dim", "num_key_value_heads"):
             if name in values:
-                check(name, values.pop(name), specs[name]["kind"])
+                check(name, values.pop(name), specs[name]["kind"] or _ANY)
     if model_type == "mixtral":
         # each expert is intermediate_size wide; a moe_intermediate_size that differs is refused by validate()
         values.setdefault("moe_intermediate_size", values.get("intermediate_size", ModelConfig.intermediate_size))
@@ -226,7 +233,6 @@ def _fresh(config: ModelConfig, style: str) -> dict[str, Any]:
     return out
 
 
-_MISSING = object()
 
 
 def config_to_hf(config: ModelConfig, style: str | None) -> dict[str, Any]:

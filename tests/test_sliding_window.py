@@ -98,9 +98,15 @@ def test_greedy_generate_matches_transformers(pair):
     assert got.tolist() == expected.tolist()
 
 
-def test_batched_left_padded_generation_matches_each_prompt_alone(pair):
-    _, model = pair
+def test_batched_left_padded_generation_matches_transformers_and_each_prompt_alone(pair):
+    ref, model = pair
     prompts = [_ids(1, 3, seed=4)[0].tolist(), _ids(1, 9, seed=5)[0].tolist()]
     batched = dsmoe.generate(model, prompts, max_new_tokens=10)
     alone = [dsmoe.generate(model, [p], max_new_tokens=10)[0] for p in prompts]
     assert batched == alone
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = ref.generate(ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                       eos_token_id=None)
+    assert batched == [p + out[i, width:].tolist() for i, p in enumerate(prompts)]

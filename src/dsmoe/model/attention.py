@@ -21,8 +21,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               mask: torch.Tensor | None) -> torch.Tensor:
     """q (B, H, T, D), k (B, G, S, D), v (B, G, S, V) -> (B, H, T, V).
 
-    mask: bool (B, 1, T, S), True = may attend; None = causal with the T queries at the last T of the S
-    key slots (see causal_mask).
+    mask: bool (B, 1, T, S'), True = may attend; None = causal with the T queries at the last T of the S
+    key slots (see causal_mask). S' >= S: a mask over more keys than given is cut to its last S columns,
+    because a rolling cache (sliding window) returns only the most recent keys.
     SDPA's fast CPU kernel needs q, k and v of one width; MLA's value head (V) is narrower than its
     query/key head (N + R), so V is zero-padded to D and the padding sliced off afterwards.
     """
@@ -30,6 +31,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
     T, S = q.shape[2], k.shape[2]
+    if mask is not None and mask.shape[-1] > S:
+        mask = mask[..., -S:]
     # SDPA's is_causal aligns the query block with the first keys, right only when T == S.
     is_causal = mask is None and T == S
     if mask is None and not is_causal:
@@ -47,8 +50,26 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
+def sliding_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys each query may see: bool (..., T, S), True = may attend, for query positions q_pos (..., T)
+    and key positions k_pos (..., S) (any leading batch dims broadcast).
+
+    Causal (key <= query) and, with a window, key > query - window: each query sees the last `window` keys,
+    itself included (Mistral's sliding-window attention; transformers' Mixtral applies the same rule).
+    window None: plain causal. Positions may be absolute cache slots: only their differences matter.
+    """
+    q, k = q_pos[..., :, None], k_pos[..., None, :]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (k > q - window)
+    return mask
+
+
 class GQAttention(nn.Module):
-    """Grouped-query attention with Llama's rotate-half RoPE (MHA when kv heads == heads)."""
+    """Grouped-query attention with Llama's rotate-half RoPE (MHA when kv heads == heads).
+
+    With config.sliding_window the mask (Transformer.positions_and_mask) limits each query to the last
+    `sliding_window` keys, and the cache keeps only those (cache.RollingKVCache)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "mixtral")
-MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32", "mixtral")
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+DSA_MODEL_TYPES = ("deepseek_v32",)  # MLA + DeepSeek Sparse Attention (lightning indexer, top-k keys)
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
@@ -31,6 +32,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek": {"scoring_func": "softmax", "topk_method": "greedy", "first_k_dense_replace": 1},
     "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy"},
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
+    "deepseek_v32": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
     "mixtral": {
         "scoring_func": "softmax",
         "topk_method": "greedy",
@@ -52,6 +54,7 @@ _ARCHITECTURES = {
     "deepseek": "DeepseekForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
     "mixtral": "MixtralForCausalLM",
 }
 
@@ -94,6 +97,10 @@ class ModelConfig:
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
+    # --- DSA (V3.2): the lightning indexer and its top-k (transformers' DeepseekV32Config defaults) ---
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
     # --- balancing / MTP (used by training) ---
     aux_loss_alpha: float = 0.0
     seq_aux: bool = False
@@ -121,6 +128,11 @@ class ModelConfig:
     @property
     def uses_mla(self) -> bool:
         return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def uses_dsa(self) -> bool:
+        """DeepSeek Sparse Attention: MLA whose queries attend only to the indexer's top-k keys (V3.2)."""
+        return self.model_type in DSA_MODEL_TYPES
 
     @property
     def kv_heads(self) -> int:
@@ -256,6 +268,8 @@ class ModelConfig:
             if self.gqa_head_dim % 2:
                 fail("head_dim", f"must be even (rope rotates pairs), got {self.gqa_head_dim}")
 
+        if self.uses_dsa:
+            self._validate_dsa(fail, positive)
         if self.model_type == "mixtral" and self.attention_bias:
             fail("attention_bias", "Mixtral's attention projections have no biases (transformers would drop them)")
         window = self.extra.get("sliding_window")
@@ -277,6 +291,24 @@ class ModelConfig:
                     fail("rope_scaling", "yarn needs original_max_position_embeddings")
                 if rs.get("factor") is not None and rs["factor"] <= 0:
                     fail("rope_scaling", f"factor must be > 0, got {rs['factor']}")
+
+    # ---- DSA (V3.2) fields: one block, the shared helpers ----
+    def _validate_dsa(self, fail, positive) -> None:
+        for name in ("index_n_heads", "index_head_dim", "index_topk"):
+            positive(name)
+        if self.q_lora_rank is None:
+            fail("q_lora_rank", "deepseek_v32 needs a query latent: the indexer's wq_b reads it")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            fail("index_head_dim", f"{self.index_head_dim} is narrower than its rope part "
+                 f"qk_rope_head_dim={self.qk_rope_head_dim}")
+        if not self.rope_interleave:
+            fail("rope_interleave", "deepseek_v32's MLA rope is always interleaved (the checkpoint's layout)")
+        # transformers writes these per-layer lists; ours follow from first_k_dense_replace (from_hf drops them).
+        for key, rule in (("mlp_layer_types", ["sparse" if self.is_moe_layer(i) else "dense"
+                                               for i in range(self.num_hidden_layers)]),
+                          ("layer_types", ["indexed_attention"] * self.num_hidden_layers)):
+            if self.extra.get(key) is not None and self.extra[key] != rule:
+                fail(key, f"{self.extra[key]!r} differs from what this config builds ({rule!r})")
 
     def _validate_moe(self, fail, positive, number) -> None:
         for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
@@ -352,7 +384,11 @@ class ModelConfig:
             values["moe_intermediate_size"] = values.get("intermediate_size", cls.intermediate_size)
         for drop in ("architectures", "transformers_version", "dtype", "torch_dtype", "auto_map"):
             extra.pop(drop, None)
-        return cls(**values, extra=extra)
+        config = cls(**values, extra=extra)
+        if config.uses_dsa:  # checked against first_k_dense_replace by validate(); transformers re-derives them
+            for key in ("mlp_layer_types", "layer_types"):
+                config.extra.pop(key, None)
+        return config
 
     def to_hf(self, style: str = "v5") -> dict[str, Any]:
         """A config.json dict. style="v5": `rope_parameters` (transformers >= 5); "hub": `rope_theta` +
@@ -378,6 +414,9 @@ class ModelConfig:
             out["num_key_value_heads"] = self.num_attention_heads
             if self.model_type == "deepseek_v3":
                 out["rope_interleave"] = self.rope_interleave
+        if not self.uses_dsa:
+            for key in ("index_n_heads", "index_head_dim", "index_topk"):
+                out.pop(key)
         if self.model_type != "mixtral":
             out.pop("router_aux_loss_coef")
         if style == "v5":

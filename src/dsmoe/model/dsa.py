@@ -165,6 +165,8 @@ def indexed_attention(attn: "MLAttention", x: torch.Tensor, q_latent: torch.Tens
     indexer: LightningIndexer = attn.indexer
     cos, sin = rope
     T, S = x.shape[1], latent.shape[1]
+    if indexer.loss_mode is not None:  # the indexer learns from its own loss only (V3.2 section 2.1.1)
+        x, q_latent = x.detach(), q_latent.detach()
     keys = indexer.key(x, cos, sin)  # (B, T, D_I)
     if cache is not None:
         keys = cache.update_index(start, keys)  # (B, S, D_I)
@@ -172,8 +174,6 @@ def indexed_attention(attn: "MLAttention", x: torch.Tensor, q_latent: torch.Tens
     visible = visible_keys(mask, T, S, x.device)
     scores = None
     if sparse or indexer.loss_mode is not None:
-        if indexer.loss_mode is not None:  # the indexer learns from its own loss only (V3.2 section 2.1.1)
-            x, q_latent = x.detach(), q_latent.detach()
         scores = indexer.scores(x, q_latent, cos, sin, keys, visible)
     if not sparse:
         absorb = attn.absorb if attn.absorb is not None else attn._absorb_is_cheaper(T, S, cache is not None)

@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from .cache import LatentCache
 
 # Elements of one fp32 (chunk, heads, keys) score block: bounds the indexer's and the gathered attention's
-# working memory at long context (~256 MiB) by scoring the queries in chunks.
-_CHUNK_ELEMENTS = 1 << 26
+# working memory at long context (~64 MiB) by scoring the queries in chunks.
+_CHUNK_ELEMENTS = 1 << 24
 
 
 class LightningIndexer(nn.Module):
@@ -87,16 +87,18 @@ class LightningIndexer(nn.Module):
         x (B, T, dim) and q_latent (B, T, Q) of the T queries; keys (B, S, D_I) from `key`. Per head the score
         is ReLU(softmax_scale * q.k); heads are summed with weights weights_proj(x) * H_I**-0.5."""
         B, T, _ = x.shape
-        q = self._rope(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim), cos, sin).float()  # (B,T,H_I,D_I)
-        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5  # (B, T, H_I)
-        k = keys.float().transpose(1, 2).unsqueeze(1)  # (B, 1, D_I, S)
-        S = keys.shape[1]
-        step = max(1, _CHUNK_ELEMENTS // max(1, self.n_heads * S * B))
-        out = []
+        H, S = self.n_heads, keys.shape[1]
+        q = self._rope(self.wq_b(q_latent).view(B, T, H, self.head_dim), cos, sin).float()  # (B, T, H_I, D_I)
+        # ReLU(scale * q.k) = scale * ReLU(q.k): the scale goes on the (smaller) query
+        q = (q * self.softmax_scale).reshape(B, T * H, self.head_dim)  # (B, T*H_I, D_I): one bmm per chunk
+        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * H ** -0.5  # (B, T, H_I)
+        k = keys.float().transpose(1, 2)  # (B, D_I, S)
+        step = max(1, _CHUNK_ELEMENTS // max(1, H * S * B))
+        index = torch.empty(B, T, S, dtype=torch.float32, device=x.device)
         for i in range(0, T, step):
-            s = torch.relu(torch.matmul(q[:, i:i + step], k) * self.softmax_scale)  # (B, t, H_I, S)
-            out.append(torch.matmul(w[:, i:i + step].unsqueeze(-2), s).squeeze(-2))  # (B, t, S)
-        index = torch.cat(out, dim=1)
+            t = min(step, T - i)
+            s = torch.relu(torch.bmm(q[:, i * H:(i + t) * H], k)).view(B * t, H, S)  # (B*t, H_I, S)
+            index[:, i:i + t] = torch.bmm(w[:, i:i + t].reshape(B * t, 1, H), s).view(B, t, S)
         return index if mask is None else index.masked_fill(~mask, float("-inf"))
 
 

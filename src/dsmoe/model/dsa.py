@@ -181,7 +181,7 @@ def indexed_attention(attn: "MLAttention", x: torch.Tensor, q_latent: torch.Tens
         absorb = attn.absorb if attn.absorb is not None else attn._absorb_is_cheaper(T, S, cache is not None)
         out = (attn._absorbed if absorb else attn._naive)(q_nope, q_pe, latent, mask)
         if indexer.loss_mode is not None:
-            indexer.last_loss = indexer_kl(attn, q_nope, q_pe, latent, scores, visible)
+            indexer.last_loss = indexer_kl(attn, q_nope, q_pe, latent, scores, keys=visible)
         return out
     with torch.no_grad():
         indices, valid = select_topk(scores, indexer.topk)
@@ -193,8 +193,7 @@ def indexed_attention(attn: "MLAttention", x: torch.Tensor, q_latent: torch.Tens
         # a valid pick is a visible key (finite score): the selection alone is the whole mask
         out = attn._naive(q_nope, q_pe, latent, selection_mask(indices, valid, S))
     if indexer.loss_mode is not None:
-        chosen = selection_mask(indices, valid, S)[:, 0]
-        indexer.last_loss = indexer_kl(attn, q_nope, q_pe, latent, scores, chosen)
+        indexer.last_loss = indexer_kl(attn, q_nope, q_pe, latent, scores, selected=(indices, valid))
     return out
 
 
@@ -207,22 +206,33 @@ def _gather_is_cheaper(attn: "MLAttention", T: int, S: int, K: int) -> bool:
 
 
 def indexer_kl(attn: "MLAttention", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-               scores: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+               scores: torch.Tensor, keys: torch.Tensor | None = None,
+               selected: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The indexer's training loss (V3.2 section 2.1.1): mean over queries of KL(p_t || softmax(I_t)).
 
     p_t is the main attention's distribution summed over heads and L1-normalised, computed without gradients
-    over the keys the main attention uses: `keys` (bool (B, T, S) or None = all), every visible key in the
-    dense warm-up, the selected set S_t in the sparse stage (there p is the sparse attention's own
-    distribution and softmax(I) is restricted to S_t as well). scores (B, T, S): the indexer's I, -inf at
-    hidden keys; gradients flow into the indexer only."""
+    over the keys the main attention uses. Dense warm-up: `keys` (bool (B, T, S), True = visible; None = all).
+    Sparse stage: `selected` = (indices, valid) (B, T, K) from select_topk, the set S_t; there p is the sparse
+    attention's own distribution and softmax(I) is restricted to S_t too, both over the K gathered rows (O(T*K)).
+    scores (B, T, S): the indexer's I, -inf at hidden keys; gradients flow into the indexer only."""
     with torch.no_grad():
         q = attn.absorbed_query(q_nope, q_pe)  # (B, T, H, C + R): q.k of the absorbed form = the naive q.k
-        logits = torch.matmul(q, latent.transpose(1, 2).unsqueeze(1)).float() * attn.scale  # (B, T, H, S)
-        if keys is not None:
-            logits = logits.masked_fill(~keys.unsqueeze(2), float("-inf"))
-        p = logits.softmax(dim=-1).mean(dim=2)  # (B, T, S): heads summed, then L1-normalised (each sums to 1)
-    if keys is not None:
-        scores = scores.masked_fill(~keys, float("-inf"))
+        B, T, H, W = q.shape
+        if selected is None:  # one bmm over all T*H query rows (a broadcast matmul would copy latent T times)
+            allowed = keys
+            logits = torch.bmm(q.reshape(B, T * H, W), latent.transpose(1, 2)).view(B, T, H, -1)  # (B, T, H, S)
+        else:
+            indices, allowed = selected
+            rows = gather_rows(latent, indices)  # (B, T, K, C + R)
+            logits = torch.matmul(q, rows.transpose(-1, -2))  # (B, T, H, K)
+        logits = logits.float() * attn.scale
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+        p = logits.softmax(dim=-1).mean(dim=2)  # (B, T, S or K): heads summed, L1-normalised (each sums to 1)
+    if selected is not None:
+        scores = scores.gather(-1, selected[0])
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     log_q = torch.log_softmax(scores, dim=-1)
     # masked_fill, not where: a hidden key's -inf never meets a 0 in the product, forward or backward
     log_q = log_q.masked_fill(p == 0, 0.0)

@@ -74,7 +74,8 @@ def run(contexts: list[int], topk: int, rounds: int, decode_steps: int) -> list[
             "prefill_speedup": best["prefill_dense"] / best["prefill_sparse"],
             "decode_speedup": best["decode_dense"] / best["decode_sparse"],
             # the calculator's per-token attention FLOPs at this context (decode step; prefill averages ~half)
-            "attn_flops_ratio": attention_flops_per_token(config, L, sparse=False) / attention_flops_per_token(config, L),
+            "attn_flops_ratio": (attention_flops_per_token(config, L, sparse=False)
+                                 / attention_flops_per_token(config, L)),
         })
     _set_dense(model, False)
     return rows

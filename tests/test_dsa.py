@@ -216,3 +216,45 @@ def test_config_json_round_trip_and_layer_type_lists(hf_dir):
     assert "index_topk" not in ModelConfig().to_hf()  # only V3.2 configs carry the indexer fields
     with pytest.raises(ValueError, match="ModelConfig.mlp_layer_types"):
         ModelConfig.from_hf({**raw, "mlp_layer_types": ["sparse"] * 3})
+
+
+def test_yarn_rope_reaches_the_indexer_as_in_transformers(tmp_path):
+    """With YaRN (cos/sin amplitude != 1: mscale 0.707 vs mscale_all_dim 1.0) the indexer's rotate-half rope uses
+    MLA's scaled cos/sin, as transformers does; 40 tokens, past the original 32 positions."""
+    from hf_models import YARN
+
+    torch.manual_seed(0)
+    ref = spread_norms_and_router_biases(transformers.DeepseekV32ForCausalLM(
+        transformers.DeepseekV32Config(**V32, rope_parameters=YARN)).eval())
+    ref.save_pretrained(tmp_path)
+    model = dsmoe.load_pretrained(tmp_path, dtype=torch.float32)
+    ids = _ids(40)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_sparse_decode_reads_only_the_selected_latent_rows(model, monkeypatch):
+    """After a prefill of 4 x index_topk tokens, every cached latent row that the indexer did not select for the
+    next token is set to NaN: the absorbed decode step gives the same, finite logits."""
+    import dsmoe.model.dsa as dsa
+
+    ids = _ids(4 * TOPK + 1)
+    T = ids.shape[1] - 1
+    picked = []
+    real_select = dsa.select_topk
+    monkeypatch.setattr(dsa, "select_topk", lambda scores, k: picked.append(real_select(scores, k)) or picked[-1])
+    _set(model, absorb=True)
+    with torch.no_grad():
+        cache = model.make_cache(2, T + 1)
+        model(ids[:, :T], cache=cache)
+        picked.clear()
+        expected = model(ids[:, T:], cache=cache, start=T)
+        assert len(picked) == len(model.layers)
+        for layer, (indices, valid) in zip(cache.layers, picked):
+            assert indices.shape == (2, 1, TOPK) and valid.all()
+            keep = torch.zeros(2, T + 1, dtype=torch.bool).scatter_(1, indices[:, 0], True)
+            layer.latent[~keep] = float("nan")
+        got = model(ids[:, T:], cache=cache, start=T)
+    _set(model)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

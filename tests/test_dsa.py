@@ -258,3 +258,18 @@ def test_sparse_decode_reads_only_the_selected_latent_rows(model, monkeypatch):
     _set(model)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_chunked_scoring_and_attention_match_transformers(model, ref, monkeypatch):
+    """Long contexts score the indexer and run the gathered attention in chunks of queries: force chunks of a
+    few queries on a short input."""
+    import dsmoe.model.dsa as dsa
+
+    monkeypatch.setattr(dsa, "_CHUNK_ELEMENTS", 500)
+    ids = _ids(4 * TOPK)
+    _set(model, absorb=True)
+    with torch.no_grad():
+        got = model(ids)
+    _set(model)
+    with torch.no_grad():
+        torch.testing.assert_close(got, ref(ids).logits, atol=1e-4, rtol=0)

@@ -145,14 +145,21 @@ def sparse_latent_attention(q: torch.Tensor, latent: torch.Tensor, indices: torc
     B, T, H, W = q.shape
     K = indices.shape[-1]
     step = max(1, _CHUNK_ELEMENTS // max(1, B * K * max(H, W)))
-    out = []
+    if step >= T:  # one chunk (every decode step): no copy into a preallocated output
+        return _gathered_chunk(q, latent, indices, valid, scale, kv_rank)
+    out = q.new_empty(B, T, H, kv_rank)
     for i in range(0, T, step):
-        rows = gather_rows(latent, indices[:, i:i + step])  # (B, t, K, C + R)
-        scores = torch.matmul(q[:, i:i + step], rows.transpose(-1, -2)).float() * scale  # (B, t, H, K)
-        scores = scores.masked_fill(~valid[:, i:i + step, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(q.dtype)
-        out.append(torch.matmul(probs, rows[..., :kv_rank]))  # (B, t, H, C)
-    return torch.cat(out, dim=1)
+        out[:, i:i + step] = _gathered_chunk(q[:, i:i + step], latent, indices[:, i:i + step],
+                                             valid[:, i:i + step], scale, kv_rank)
+    return out
+
+
+def _gathered_chunk(q: torch.Tensor, latent: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor,
+                    scale: float, kv_rank: int) -> torch.Tensor:
+    rows = gather_rows(latent, indices)  # (B, t, K, C + R)
+    scores = torch.matmul(q, rows.transpose(-1, -2)).float() * scale  # (B, t, H, K)
+    probs = scores.masked_fill(~valid.unsqueeze(2), float("-inf")).softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, rows[..., :kv_rank])  # (B, t, H, C)
 
 
 def indexed_attention(attn: "MLAttention", x: torch.Tensor, q_latent: torch.Tensor, q_nope: torch.Tensor,

@@ -58,7 +58,8 @@ def test_rope_parameters_errors_name_the_v5_key():
         ModelConfig.from_hf(raw)
 
 
-_FAMILY_PRESET = {"deepseek": "tiny-v1", "deepseek_v2": "tiny-v2", "deepseek_v3": "tiny-v3", "mixtral": "tiny-mixtral"}
+_FAMILY_PRESET = {"deepseek": "tiny-v1", "deepseek_v2": "tiny-v2", "deepseek_v3": "tiny-v3", "deepseek_v32": "tiny-v3.2",
+                  "mixtral": "tiny-mixtral"}
 _CHECKED = [f for f in dataclasses.fields(ModelConfig) if "kind" in f.metadata]
 
 

@@ -27,8 +27,9 @@ from typing import Any
 from .config_types import (BLOCK_SIZE, BOOL, NON_NEGATIVE_INT, NON_NEGATIVE_NUMBER, NUMBER, POSITIVE_INT,
                            POSITIVE_NUMBER, STRING, TOKEN_IDS, Kind, check, one_of, optional, schema)
 
-MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "mixtral")
-MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32", "mixtral")
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+DSA_MODEL_TYPES = ("deepseek_v32",)  # MLA + DeepSeek Sparse Attention (lightning indexer, top-k keys)
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
@@ -46,6 +47,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek": {"scoring_func": "softmax", "topk_method": "greedy", "first_k_dense_replace": 1},
     "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "rope_interleave": True},
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
+    "deepseek_v32": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
     "mixtral": {
         "scoring_func": "softmax",
         "topk_method": "greedy",
@@ -68,6 +70,7 @@ _ARCHITECTURES = {
     "deepseek": "DeepseekForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
     "mixtral": "MixtralForCausalLM",
 }
 
@@ -138,6 +141,10 @@ class ModelConfig:
     qk_nope_head_dim: int = _f(32, POSITIVE_INT, V2_ON)
     qk_rope_head_dim: int = _f(16, POSITIVE_INT, V2_ON)
     v_head_dim: int = _f(32, POSITIVE_INT, V2_ON)
+    # --- DSA (V3.2): the lightning indexer and its top-k (transformers' DeepseekV32Config defaults) ---
+    index_n_heads: int = _f(64, POSITIVE_INT, DSA_MODEL_TYPES)
+    index_head_dim: int = _f(128, POSITIVE_INT, DSA_MODEL_TYPES)
+    index_topk: int = _f(2048, POSITIVE_INT, DSA_MODEL_TYPES)
     # --- balancing / MTP (used by training) ---
     aux_loss_alpha: float = _f(0.0, NON_NEGATIVE_NUMBER, DEEPSEEK, off=0.0)
     seq_aux: bool = _f(False, BOOL, DEEPSEEK, off=False)
@@ -171,6 +178,11 @@ class ModelConfig:
     @property
     def uses_mla(self) -> bool:
         return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def uses_dsa(self) -> bool:
+        """DeepSeek Sparse Attention: MLA whose queries attend only to the indexer's top-k keys (V3.2)."""
+        return self.model_type in DSA_MODEL_TYPES
 
     @property
     def kv_heads(self) -> int:
@@ -233,7 +245,7 @@ class ModelConfig:
         score); V3 and Mixtral renormalise whatever k is (Mixtral's top-1 weight is 1)."""
         if not self.norm_topk_prob:
             return False
-        return self.num_experts_per_tok > 1 or self.model_type in ("deepseek_v3", "mixtral")
+        return self.num_experts_per_tok > 1 or self.model_type in (*V3_ON, *MIXTRAL)
 
     @property
     def shared_intermediate_size(self) -> int:
@@ -273,6 +285,8 @@ class ModelConfig:
             if self.gqa_head_dim % 2:
                 fail("head_dim", f"must be even (rope rotates pairs), got {self.gqa_head_dim}")
 
+        if self.uses_dsa:
+            self._validate_dsa(fail)
         if self.model_type == "mixtral":
             if self.attention_bias:
                 fail("attention_bias", "Mixtral's attention projections have no biases (transformers would drop them)")
@@ -286,6 +300,22 @@ class ModelConfig:
         if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "yarn":
             if not self.rope_scaling.get("original_max_position_embeddings"):
                 fail("rope_scaling", "yarn needs original_max_position_embeddings")
+
+    def _validate_dsa(self, fail) -> None:
+        if self.q_lora_rank is None:
+            fail("q_lora_rank", "deepseek_v32 needs a query latent: the indexer's wq_b reads it")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            fail("index_head_dim", f"{self.index_head_dim} is narrower than its rope part "
+                 f"qk_rope_head_dim={self.qk_rope_head_dim}")
+        if not self.rope_interleave:
+            fail("rope_interleave", "deepseek_v32's MLA rope is always interleaved (the checkpoint's layout)")
+        # transformers writes these per-layer lists; ours follow from first_k_dense_replace. Kept in `extra` for
+        # the round trip, they must agree with what this config builds.
+        for key, rule in (("mlp_layer_types", ["sparse" if self.is_moe_layer(i) else "dense"
+                                               for i in range(self.num_hidden_layers)]),
+                          ("layer_types", ["indexed_attention"] * self.num_hidden_layers)):
+            if self.extra.get(key) is not None and self.extra[key] != rule:
+                fail(key, f"{self.extra[key]!r} differs from what this config builds ({rule!r})")
 
     def _validate_moe(self, fail) -> None:
         for name in ("num_experts_per_tok", "moe_intermediate_size"):

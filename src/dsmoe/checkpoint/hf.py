@@ -25,7 +25,8 @@ from .names import (MTP_SHARED_COPIES, checkpoint_has_mtp, hf_names, is_ignored_
 from .shards import INDEX_NAME, SINGLE_NAME, CheckpointError, ShardReader, parse_size, write_shards
 
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-_ALWAYS_FP32 = (".ffn.gate.bias",)  # V3's correction bias: tiny, and updates of 1e-3 vanish in bf16
+_ALWAYS_FP32 = (".ffn.gate.bias",  # V3's correction bias: tiny, and updates of 1e-3 vanish in bf16
+                 ".indexer.weights_proj.weight")  # V3.2: transformers keeps it in fp32 too
 
 
 def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, strict: bool = False) -> Transformer:

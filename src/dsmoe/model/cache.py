@@ -77,9 +77,20 @@ class RollingKVCache:
 
 class LatentCache:
     def __init__(self, batch: int, capacity: int, kv_rank: int, rope_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", index_dim: int = 0) -> None:
         self.kv_rank = kv_rank
         self.latent = torch.zeros(batch, capacity, kv_rank + rope_dim, dtype=dtype, device=device)  # (B, L, C+R)
+        # V3.2: the lightning indexer's key (index_head_dim per token) lives beside the latent (dsa.py).
+        self.index_keys = (torch.zeros(batch, capacity, index_dim, dtype=dtype, device=device)  # (B, L, D_I)
+                           if index_dim else None)
+
+    def update_index(self, start: int, keys: torch.Tensor) -> torch.Tensor:
+        """Write indexer keys (B, T, D_I) at start..start+T; return all of them so far (B, S, D_I)."""
+        if self.index_keys is None:
+            raise ValueError("this LatentCache holds no indexer keys (built with index_dim=0)")
+        end = start + keys.shape[1]
+        self.index_keys[:, start:end] = keys
+        return self.index_keys[:, :end]
 
     def update(self, start: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         """Write c_kv (B, T, C) and k_pe (B, T, R) at start..start+T; return [c_kv | k_pe] so far (B, S, C+R)."""
@@ -89,7 +100,8 @@ class LatentCache:
         return self.latent[:, :end]
 
     def nbytes(self) -> int:
-        return self.latent.numel() * self.latent.element_size()
+        index = 0 if self.index_keys is None else self.index_keys.numel() * self.index_keys.element_size()
+        return self.latent.numel() * self.latent.element_size() + index
 
 
 LayerCache = KVCache | RollingKVCache | LatentCache
@@ -98,7 +110,8 @@ LayerCache = KVCache | RollingKVCache | LatentCache
 def make_layer_cache(config: ModelConfig, batch: int, capacity: int, dtype: torch.dtype,
                      device: torch.device | str = "cpu") -> LayerCache:
     if config.uses_mla:
-        return LatentCache(batch, capacity, config.kv_lora_rank, config.qk_rope_head_dim, dtype, device)
+        return LatentCache(batch, capacity, config.kv_lora_rank, config.qk_rope_head_dim, dtype, device,
+                           config.index_head_dim if config.uses_dsa else 0)
     if config.sliding_window is not None and config.sliding_window < capacity:
         return RollingKVCache(batch, config.sliding_window, config.kv_heads, config.gqa_head_dim, dtype, device)
     return KVCache(batch, capacity, config.kv_heads, config.gqa_head_dim, dtype, device)

@@ -69,7 +69,7 @@ def status(key):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
 directory, dtype = sys.argv[1], getattr(torch, sys.argv[2])
-dsmoe.load_pretrained(directory, device="meta")  # warm up code paths: what remains is the weights
+warm = dsmoe.load_pretrained(sys.argv[3], dtype=dtype)  # a small model: the one-off costs of a first load
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM (peak RSS) to the current RSS
 base = status("VmRSS")
 model = dsmoe.load_pretrained(directory, dtype=dtype)
@@ -81,14 +81,16 @@ print(size, status("VmHWM") - base, status("VmRSS") - base, maps)
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_peak_memory_of_a_load_is_about_the_model(checkpoint, dtype):
+def test_peak_memory_of_a_load_is_about_the_model(checkpoint, dtype, tmp_path):
     # The checkpoint is fp32: a float32 load reads each tensor straight into its parameter; a bfloat16 load
     # stages one fp32 tensor at a time. Either way the peak is the model plus at most the largest tensor,
     # never the model plus the file (a memory-mapped load) or two copies of the model.
     header = (checkpoint / "model.safetensors").read_bytes()[:8]
     entries = json.loads((checkpoint / "model.safetensors").read_bytes()[8:8 + struct.unpack("<Q", header)[0]])
     largest = max(e["data_offsets"][1] - e["data_offsets"][0] for k, e in entries.items() if k != "__metadata__")
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(checkpoint), dtype], capture_output=True, text=True,
+    small = tmp_path / "small"
+    dsmoe.save_pretrained(dsmoe.Transformer(dataclasses.replace(_config(), vocab_size=1024)), small)
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(checkpoint), dtype, str(small)], capture_output=True, text=True,
                          env={"PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, check=True)
     size, peak, after, maps = map(int, out.stdout.split())
     mib = 2**20

@@ -30,7 +30,7 @@ from .generation_config import (GenerationConfig, generation_config_from_model_c
 from .names import (MTP_SHARED_COPIES, checkpoint_has_mtp, hf_names, is_ignored_hf_name, mtp_layer,
                     mtp_layer_indices)
 from .shards import INDEX_NAME, SINGLE_NAME, CheckpointError, ShardReader, parse_size, write_shards
-from .stream import ST_DTYPES, TensorFile
+from .stream import ST_DTYPES, Staging, TensorFile
 
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _ALWAYS_FP32 = (".ffn.gate.bias",  # V3's correction bias: tiny, and updates of 1e-3 vanish in bf16
@@ -87,6 +87,7 @@ def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None, devic
             dtype = _checkpoint_dtype(reader)
         files = {} if device.type == "meta" else {f: TensorFile(reader.directory / f)
                                                   for f in sorted(set(reader.file_of.values()))}
+        staging = Staging(pin=device.type == "cuda")
         try:
             state = {}
             for ours, sources in plan.items():
@@ -96,7 +97,7 @@ def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None, devic
                     # one part of the same rank is the tensor itself; else parts are stacked along dim 0
                     stacked = not (len(sources) == 1 and len(reader.shape(sources[0])) == out.ndim)
                     for e, hf in enumerate(sources):
-                        _read(reader, files, hf, out[e] if stacked else out, block)
+                        _read(reader, files, hf, out[e] if stacked else out, block, staging)
                 state[ours] = out
         finally:
             for f in files.values():
@@ -218,14 +219,15 @@ def _check_tensor(reader: ShardReader, hf: str, shape: tuple[int, ...], present:
 
 
 def _read(reader: ShardReader, files: dict[str, TensorFile], hf: str, out: torch.Tensor,
-          block: tuple[int, int]) -> None:
-    """Tensor `hf` into `out` (its final place: device and dtype), dequantising FP8 on out's device."""
+          block: tuple[int, int], staging: Staging) -> None:
+    """Tensor `hf` into `out` (its final place: device and dtype), dequantising FP8 on out's device;
+    tensors that need a cast or a move go through `staging`, one at a time."""
     file = files[reader.file_of[hf]]
     where = reader.directory / reader.file_of[hf]
     kind = reader.dtype(hf)
     if kind in FP8_DTYPES:
         scale = files[reader.file_of[hf + "_scale_inv"]].read(hf + "_scale_inv").to(out.device)
-        out.copy_(dequantize_blockwise(file.read(hf).to(out.device), scale, out.dtype, block))
+        out.copy_(dequantize_blockwise(file.read(hf, staging).to(out.device), scale, out.dtype, block))
         # checked after dequantisation: an FP8 NaN code or an inf / NaN in the block scales both end up here
         if not _all_finite(out):
             raise CheckpointError(f"FP8 tensor {hf!r} in {where} dequantises to NaN or inf values "
@@ -234,7 +236,7 @@ def _read(reader: ShardReader, files: dict[str, TensorFile], hf: str, out: torch
     if out.device.type == "cpu" and out.dtype == ST_DTYPES[kind] and out.is_contiguous():
         file.read_into(hf, out)  # no staging copy at all
     else:
-        out.copy_(file.read(hf))  # one tensor staged on the CPU, cast (and moved) by the copy
+        out.copy_(file.read(hf, staging))  # staged on the CPU, cast (and moved) by the copy
     if not _all_finite(out):
         # a cast to fp16 can also overflow to inf: equally unusable
         raise CheckpointError(f"tensor {hf!r} in {where} holds NaN or inf values"
@@ -242,9 +244,12 @@ def _read(reader: ShardReader, files: dict[str, TensorFile], hf: str, out: torch
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN / inf in t, without a full-size bool temporary: any NaN or inf makes the fp32-accumulated
-    sum non-finite, and real weights never sum past fp32's range (3.4e38)."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)))
+    """No NaN / inf in t, without a full-size temporary: any NaN or inf makes the fp32-accumulated sum of
+    its chunk non-finite (real weights never sum past fp32's range, 3.4e38); chunks of 2^20 elements keep
+    the cast a reduced-precision sum may make small. One host synchronisation per tensor."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    sums = torch.stack([c.sum(dtype=acc) for c in t.reshape(-1).split(1 << 20)]) if t.numel() else t.new_zeros(1, dtype=acc)
+    return bool(torch.isfinite(sums).all())
 
 
 def _checkpoint_dtype(reader: ShardReader) -> torch.dtype:

@@ -59,12 +59,33 @@ class TensorFile:
             done += n
         return out
 
-    def read(self, name: str, pin: bool = False) -> torch.Tensor:
-        """Tensor `name` in a fresh CPU tensor of its stored dtype and shape (pinned when asked, for a
-        copy to a GPU that can overlap the next read)."""
+    def read(self, name: str, staging: "Staging | None" = None) -> torch.Tensor:
+        """Tensor `name` as a CPU tensor of its stored dtype and shape: fresh, or a view of `staging`'s
+        buffer (valid until the next read through the same Staging)."""
         entry = self.entries[name]
-        out = torch.empty(entry["shape"], dtype=ST_DTYPES[entry["dtype"]], pin_memory=pin)
+        dtype, shape = ST_DTYPES[entry["dtype"]], entry["shape"]
+        if staging is None:
+            out = torch.empty(shape, dtype=dtype)
+        else:
+            begin, end = entry["data_offsets"]
+            out = staging.buffer(end - begin).view(dtype).view(shape)
         return self.read_into(name, out)
 
 
-__all__ = ["ST_DTYPES", "TensorFile"]
+class Staging:
+    """One reusable CPU byte buffer for tensors that are read, then cast or copied to a GPU: a load stages
+    one tensor at a time, so the buffer only grows to the largest of them (pinned for a CUDA target, which
+    makes the host-to-device copy a direct DMA)."""
+
+    def __init__(self, pin: bool = False) -> None:
+        self.pin = pin
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self._buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        return self._buf[:nbytes]
+
+
+__all__ = ["ST_DTYPES", "Staging", "TensorFile"]

@@ -4,6 +4,14 @@ speculative decoding with DeepSeek-V3's MTP module as the drafter.
 Prompts of different lengths are left-padded into one batch; the model gives each row's real tokens the
 positions they would have alone and masks the padding (Transformer.positions_and_mask), so a batched
 row decodes the same tokens as that prompt alone.
+
+Devices: every tensor made here (prompt batch, pad counts, stop ids, finished-row flags, the sampling
+generator) lives on the model's device (that of its embedding). Host synchronisations left in the plain
+decode loop on CUDA: the finished-rows test `done.all()` after each step, only when stop ids are given
+(to end the stream early), and whatever the consumer does with the yielded tokens (`.tolist()`).
+The prompt check (check_input: id range) syncs once before the loop. Speculative decoding syncs once per
+step by nature (whether the draft was accepted decides the next step's shape). Seeded sampling draws from a
+generator on the model's device, so the same seed gives different (each reproducible) samples on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -116,7 +124,9 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
     that every rank feeds the same tokens (and runs the same collectives) at every step.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
+    device = model.embed.weight.device
     ids, pad = _batch_prompts(input_ids)
+    ids, pad = ids.to(device), None if pad is None else pad.to(device)
     model.check_input(ids, 0)
     B, T = ids.shape
     capacity = T + max_new_tokens  # speculative steps never write past the last emitted token's slot either
@@ -124,7 +134,8 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     eos = _eos_set(eos_token_id)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    eos = None if eos is None else eos.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens += int(ids.numel() - (0 if pad is None else pad.sum()))
     began = time.perf_counter()
@@ -136,7 +147,7 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
         steps = _speculative(model, ids, max_new_tokens, capacity, stats)
     else:
         steps = _plain(model, ids, pad, max_new_tokens, capacity, temperature, top_k, top_p, generator, sync)
-    done = torch.zeros(B, dtype=torch.bool)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     produced = 0
     for tokens in steps:  # (B, n)
         tokens = tokens[:, : max_new_tokens - produced]
@@ -150,7 +161,7 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
         stats.new_tokens += tokens.shape[1] * B
         stats.seconds = time.perf_counter() - began
         yield tokens
-        if produced >= max_new_tokens or bool(done.all()):
+        if produced >= max_new_tokens or (eos is not None and bool(done.all())):  # the one sync per step
             return
 
 
@@ -224,15 +235,17 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
     input_ids: a (B, T) LongTensor -> a (B, T + n) tensor, rows that hit EOS padded with EOS after it;
     or a list of token lists (lengths may differ) -> a list of lists, each ending at its EOS if it met one.
     Greedy when temperature is 0; otherwise sampling with optional top-k / top-p, reproducible with seed.
+    Runs on the model's device; a prompt tensor may be on any device.
     speculative: greedy decoding with the MTP module as drafter (same output as plain greedy).
     """
     if speculative and temperature != 0:
         raise ValueError("speculative decoding is greedy only: use temperature=0")
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
                       speculative, stats))
-    out = torch.cat([torch.zeros(len(input_ids), 0, dtype=torch.long), *new], dim=1)
-    if isinstance(input_ids, torch.Tensor):
-        return torch.cat((input_ids.long(), out), dim=1)
+    device = model.embed.weight.device
+    out = torch.cat([torch.zeros(len(input_ids), 0, dtype=torch.long, device=device), *new], dim=1)
+    if isinstance(input_ids, torch.Tensor):  # returned on the device the prompt came on
+        return torch.cat((input_ids.long(), out.to(input_ids.device)), dim=1)
     stops = _eos_set(eos_token_id)
     eos = set() if stops is None else set(stops.tolist())
     result = []

@@ -24,9 +24,14 @@ TEST_DEVICE = os.environ.get("DSMOE_TEST_DEVICE", "cpu")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs DSMOE_TEST_DEVICE=cuda and a CUDA GPU (skipped otherwise)")
+    config.addinivalue_line("markers", "device: takes the `device` fixture (set automatically); "
+                            "`-m 'device or cuda'` is the GPU subset scripts/gpu_check.sh runs")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
     if TEST_DEVICE.startswith("cuda") and torch.cuda.is_available():
         return
     why = ("set DSMOE_TEST_DEVICE=cuda to run" if not TEST_DEVICE.startswith("cuda")

@@ -22,13 +22,14 @@ def resolve_device(device: str | torch.device | None, allow_meta: bool = True) -
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     text = device if isinstance(device, str) else str(device)
+    choices = DEVICE_CHOICES if allow_meta else "cpu, cuda, cuda:N or auto"
     try:
         dev = torch.device(text.strip().lower()) if isinstance(device, str) else device
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"unknown device {text!r} (expected {DEVICE_CHOICES})") from None
+        raise ValueError(f"unknown device {text!r} (expected {choices})") from None
     allowed = ("cpu", "cuda", "meta") if allow_meta else ("cpu", "cuda")
     if dev.type not in allowed:
-        raise ValueError(f"unsupported device {text!r} (expected {DEVICE_CHOICES if allow_meta else 'cpu, cuda, cuda:N or auto'})")
+        raise ValueError(f"unsupported device {text!r} (expected {choices})")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"

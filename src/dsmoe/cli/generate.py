@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import DTYPES, CLIError, _non_negative_float, _positive_int
+from .common import DTYPES, CLIError, _non_negative_float, _positive_int, add_device_argument, resolve_device
 
 # ---------------------------------------------------------------------------------------------- generate
 
@@ -32,6 +32,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--ep", type=_positive_int, default=1, metavar="N",
                    help="shard the routed experts over N processes (launch with torchrun --nproc_per_node N)")
+    add_device_argument(p)
     p.set_defaults(run=_run_generate)
 
 
@@ -52,10 +53,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     directory = Path(args.model)
     if not directory.is_dir():
         raise CLIError(f"{directory}: no such model directory")
+    # under torchrun each process takes the GPU of its local rank; NCCL then carries the collectives
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     tokenizer = load_tokenizer(directory)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    model = load_pretrained(directory, dtype=dtype)
-    info = parallel.init_distributed(args.ep, model.config.n_routed_experts)
+    model = load_pretrained(directory, dtype=dtype, device=device)
+    info = parallel.init_distributed(args.ep, model.config.n_routed_experts,
+                                     backend="nccl" if device.type == "cuda" else "gloo")
     sync = None
     if info.ep_size > 1:  # pure data-parallel replicas (no --ep) just generate the same text independently
         parallel.shard_experts(model, info)

@@ -12,7 +12,7 @@
 #   load       load_pretrained(device="cuda") of a small checkpoint: torch.cuda.max_memory_allocated against
 #              the model's bytes (no second copy on the GPU), FP8 dequantised on the GPU
 #   train      a 20-step `dsmoe train --device cuda` run, if the trainer has --device (skipped with a note if not)
-#   generate   `dsmoe generate --device cuda` in fp32 and bf16 from a tiny checkpoint with a tokenizer
+#   generate   `dsmoe generate --device cuda` in fp32, bf16 and bf16 --cuda-graph from a tiny checkpoint
 #   bench      `dsmoe bench --device cuda --quick --dtype bf16 --json`
 # Output: $OUT (the device machine's return folder) if set, else benchmarks/results/: gpu_check.log,
 # gpu_check_summary.json (per step: status, seconds, and the figures), gpu_bench.json.
@@ -104,7 +104,10 @@ dsmoe.save_pretrained(dsmoe.Transformer(get_preset("tiny-v3").replace(vocab_size
 build_tokenizer(sys.argv[1])
 PYEOF
     "$PY" -m dsmoe generate --model "$WORK/gen" --prompt "def add" --max-new-tokens 32 --device "$DEVICE" &&
-      "$PY" -m dsmoe generate --model "$WORK/gen" --prompt "def add" --max-new-tokens 32 --device "$DEVICE" --dtype bf16
+      "$PY" -m dsmoe generate --model "$WORK/gen" --prompt "def add" --max-new-tokens 32 --device "$DEVICE" --dtype bf16 &&
+      if [ "$DEVICE" != cpu ]; then
+        "$PY" -m dsmoe generate --model "$WORK/gen" --prompt "def add" --max-new-tokens 32 --device "$DEVICE" --dtype bf16 --cuda-graph
+      fi
   }
   bench() { "$PY" -m dsmoe bench --device "$DEVICE" --quick --dtype bf16 --json >"$DEST/gpu_bench.json"; }
   export -f gen bench

@@ -126,6 +126,13 @@ class CUDAGraphDecodeStep(StaticDecodeStep):
         super().__init__(model, cache, pad)
         if self.token.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on a CUDA device, not {self.token.device}")
+        from .ops.dispatch import grouped_mm_usable
+
+        moes = model.moe_layers()
+        if moes and not grouped_mm_usable(model.embed.weight[:1], moes[0].experts.w1):
+            # the per-expert loop reads expert counts on the host, which a capture forbids
+            raise ValueError(f"CUDA graph decoding needs the grouped-GEMM MoE path (bf16 weights on SM80+, "
+                             f"torch >= 2.9); this model is {model.embed.weight.dtype}")
         self.warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None

@@ -115,13 +115,16 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
            speculative: bool = False, stats: GenerationStats | None = None,
-           sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+           sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           cuda_graph: bool = False) -> Iterator[torch.Tensor]:
     """Yield new tokens as they are decided: (B, n) per step (n = 1, or 2 when a draft is accepted).
     Rows that have emitted EOS yield their EOS id again as padding; the stream ends when every row has
     finished or max_new_tokens were produced.
 
     sync: applied to each sampled token batch, e.g. a broadcast from rank 0 when experts are sharded, so
     that every rank feeds the same tokens (and runs the same collectives) at every step.
+    cuda_graph: decode steps replayed from a CUDA graph captured once for this batch (dsmoe.decode_graph;
+    CUDA, bf16 MoE weights; ValueError otherwise). Untested until scripts/gpu_check.sh passes on a GPU.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
     device = model.embed.weight.device
@@ -142,11 +145,16 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
     if max_new_tokens == 0:
         return
     if speculative:
+        if cuda_graph:
+            raise ValueError("speculative decoding does not use CUDA graphs: pass one of speculative / cuda_graph")
         if sync is not None:
             raise ValueError("speculative decoding is not supported with sharded experts")
         steps = _speculative(model, ids, max_new_tokens, capacity, stats)
     else:
-        steps = _plain(model, ids, pad, max_new_tokens, capacity, temperature, top_k, top_p, generator, sync)
+        if cuda_graph and sync is not None:
+            raise ValueError("CUDA graph decoding is not supported with sharded experts (collectives per step)")
+        steps = _plain(model, ids, pad, max_new_tokens, capacity, temperature, top_k, top_p, generator, sync,
+                       cuda_graph)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     produced = 0
     for tokens in steps:  # (B, n)
@@ -167,9 +175,14 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
 
 def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_new_tokens: int, capacity: int,
            temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
-           sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+           sync: Callable[[torch.Tensor], torch.Tensor] | None = None, cuda_graph: bool = False
+           ) -> Iterator[torch.Tensor]:
     B, T = ids.shape
     cache = model.make_cache(B, capacity)
+    graphed = None
+    if cuda_graph:  # checked before the prefill: a refusal costs nothing
+        from .decode_graph import CUDAGraphDecodeStep
+        graphed = CUDAGraphDecodeStep(model, cache, pad)
     # Prefill in one forward; only the last position's logits are needed (the head is ~20% of a prefill).
     # stream() validated the prompt; sampled tokens are in the vocabulary: no per-step id checks below.
     logits = model.head(model.hidden_states(ids, cache, pad=pad, check=False)[:, -1]).float()
@@ -179,7 +192,10 @@ def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_
             token = sync(token)
         yield token[:, None]
         if step + 1 < max_new_tokens:
-            logits = model(token[:, None], cache=cache, start=T + step, pad=pad, check=False)[:, -1]
+            if graphed is not None:
+                logits = graphed(token, T + step)  # the graph's output buffer: sampled before the next replay
+            else:
+                logits = model(token[:, None], cache=cache, start=T + step, pad=pad, check=False)[:, -1]
 
 
 def _speculative(model: Transformer, ids: torch.Tensor, max_new_tokens: int, capacity: int,
@@ -229,7 +245,8 @@ def _speculative(model: Transformer, ids: torch.Tensor, max_new_tokens: int, cap
 def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
-             speculative: bool = False, stats: GenerationStats | None = None) -> torch.Tensor | list[list[int]]:
+             speculative: bool = False, stats: GenerationStats | None = None,
+             cuda_graph: bool = False) -> torch.Tensor | list[list[int]]:
     """Prompts followed by their new tokens.
 
     input_ids: a (B, T) LongTensor -> a (B, T + n) tensor, rows that hit EOS padded with EOS after it;
@@ -237,11 +254,12 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
     Greedy when temperature is 0; otherwise sampling with optional top-k / top-p, reproducible with seed.
     Runs on the model's device; a prompt tensor may be on any device.
     speculative: greedy decoding with the MTP module as drafter (same output as plain greedy).
+    cuda_graph: replay decode steps from a CUDA graph (see stream).
     """
     if speculative and temperature != 0:
         raise ValueError("speculative decoding is greedy only: use temperature=0")
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-                      speculative, stats))
+                      speculative, stats, cuda_graph=cuda_graph))
     device = model.embed.weight.device
     out = torch.cat([torch.zeros(len(input_ids), 0, dtype=torch.long, device=device), *new], dim=1)
     if isinstance(input_ids, torch.Tensor):  # returned on the device the prompt came on

@@ -32,6 +32,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--ep", type=_positive_int, default=1, metavar="N",
                    help="shard the routed experts over N processes (launch with torchrun --nproc_per_node N)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay decode steps from a CUDA graph (CUDA, bf16; untested until scripts/gpu_check.sh passes)")
     add_device_argument(p)
     p.set_defaults(run=_run_generate)
 
@@ -85,7 +87,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     new: list[int] = []
     shown = ""
     for tokens in stream(model, torch.tensor([ids]), max_new, temperature, top_k, top_p, eos, args.seed,
-                         args.speculative, stats, sync):
+                         args.speculative, stats, sync, cuda_graph=args.cuda_graph):
         new += tokens[0].tolist()
         # Decode everything so far and print the new suffix: byte-level BPE tokens can split a
         # multi-byte character, which decodes to U+FFFD until its last byte arrives.

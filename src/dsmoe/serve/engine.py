@@ -7,7 +7,8 @@ Every `step()` builds one batch (SGLang / vLLM v1 style) under a token budget (m
    later) rather than anything failing;
 2. the rest of prompts already being prefilled, in chunks that fit the remaining budget;
 3. waiting requests, first in first out, while the running count, the budget and the pool allow: a request
-   is admitted when the blocks of its whole prompt (less its prefix-cache hits) are free.
+   is admitted when the blocks of its whole prompt (less its prefix-cache hits) are free, and takes them all
+   at once (so that admitted prompts never compete for blocks while they are prefilled in chunks).
 A long prompt is thus prefilled in chunks between the decodes of the running streams instead of stalling
 them. Requests join and leave the batch at every step.
 """
@@ -126,7 +127,8 @@ class Engine:
             raise RequestRejected("request_id", f"request {request_id!r} is already in the engine")
         if len(self.waiting) >= self.max_waiting:
             raise EngineOverloaded(f"the waiting queue is full ({self.max_waiting} requests)")
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        # the request's own generator, on the logits' device: a seeded sample ignores what else runs
+        gen = (torch.Generator(self.runner.device).manual_seed(params.seed) if params.seed is not None else None)
         seq = Sequence(request_id, len(prompt_ids), params, on_event, list(prompt_ids), gen)
         self.requests[request_id] = seq
         self.waiting.append(seq)
@@ -228,7 +230,7 @@ class Engine:
                 self.counters.prefix_cache_hit_tokens += seq.cached_prompt_tokens
                 self.counters.prompt_tokens += seq.prompt_len
             n = min(len(seq.tokens) - seq.computed, budget)
-            self._reserve(seq, seq.computed + n)
+            self._reserve(seq, len(seq.tokens))  # the whole prompt now: later chunks never wait for blocks
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
@@ -247,22 +249,26 @@ class Engine:
             for seq, _ in batch:
                 self._finish(seq, "error", error=f"engine step failed: {type(e).__name__}: {e}")
             return True
+        greedy = logits.argmax(dim=-1).tolist()  # one host sync for every greedy request of the step
         row = 0
         for (seq, n), w in zip(batch, work):
             seq.computed += n
             if self.prefix_caching:
                 self._register_full_blocks(seq)
             if w.logits:
-                self._advance(seq, logits[row:row + 1])
+                self._advance(seq, logits[row:row + 1], greedy[row])
                 row += 1
         return True
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample seq's next token from logits (1, V), append it, send the event; a failure in sampling or
-        in the callback fails this request only."""
+    def _advance(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> None:
+        """Sample seq's next token from logits (1, V) (greedy: its argmax), append it, send the event; a
+        failure in sampling or in the callback fails this request only."""
         p = seq.params
         try:
-            token = int(sample(logits, p.temperature, p.top_k or None, p.top_p, seq.generator)[0])
+            if p.temperature == 0:
+                token = greedy
+            else:
+                token = int(sample(logits, p.temperature, p.top_k or None, p.top_p, seq.generator)[0])
         except Exception as e:
             self._finish(seq, "error", error=f"sampling failed: {type(e).__name__}: {e}")
             return

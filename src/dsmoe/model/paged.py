@@ -175,7 +175,20 @@ def paged_hidden_states(model: Transformer, ids: torch.Tensor, meta: PagedBatch,
     The same pre-norm blocks as Block.forward: attention, then dense MLP or MoE over the packed tokens."""
     x = model.embed(ids)[None]  # (1, M, D)
     rope = model.rope(meta.positions, x.dtype)  # cos, sin (M, R/2)
-    for block, layer in zip(model.layers, layers, strict=True):
+    for block, layer in zip(model.layers, layers[:len(model.layers)], strict=True):
         x = x + paged_attention(block.attn, block.attn_norm(x), rope, layer, meta)
         x = x + block.ffn(block.ffn_norm(x))
     return model.norm(x)[0]
+
+
+def paged_mtp_hidden(model: Transformer, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor,
+                     meta: PagedBatch, layer: PagedLayer) -> torch.Tensor:
+    """MTP module `depth` (DeepSeek-V3 section 2.2) over a packed step: h_prev (M, D) the main model's
+    final-normed hidden states at meta.positions, next_ids (M,) the token after each -> h (M, D), un-normed
+    (logits: model.head(model.mtp[depth].norm(h))). MTPModule.forward with its block's keys paged in `layer`."""
+    mtp = model.mtp[depth]
+    x = mtp.eh_proj(torch.cat((mtp.enorm(model.embed(next_ids)), mtp.hnorm(h_prev)), dim=-1))[None]  # (1, M, D)
+    rope = model.rope(meta.positions, x.dtype)
+    block = mtp.block
+    x = x + paged_attention(block.attn, block.attn_norm(x), rope, layer, meta)
+    return (x + block.ffn(block.ffn_norm(x)))[0]

@@ -15,6 +15,7 @@ them. Requests join and leave the batch at every step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Callable
@@ -153,10 +154,9 @@ class Engine:
         return bool(self.running or self.waiting)
 
     def stats(self) -> EngineStats:
-        s = self.counters
-        return EngineStats(len(self.running), len(self.waiting), self.allocator.num_used, self.allocator.num_free,
-                           self.block_size, s.prefix_cache_hit_tokens, s.prefix_cache_queried_tokens,
-                           s.generated_tokens, s.prompt_tokens, s.preemptions)
+        """Gauges now, counters since the engine started."""
+        return dataclasses.replace(self.counters, running=len(self.running), waiting=len(self.waiting),
+                                   blocks_used=self.allocator.num_used, blocks_free=self.allocator.num_free)
 
     # ------------------------------------------------------------------------------------------- blocks
     def _reserve(self, seq: Sequence, positions: int) -> bool:

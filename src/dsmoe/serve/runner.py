@@ -90,7 +90,7 @@ class ModelRunner:
             padded = [t + [t[0]] * (width - len(t)) for t in dec_tables]  # padding keys are masked out
             meta.decode_rows, meta.decode_tables = self._tensor(dec_rows), self._tensor(padded)
             meta.decode_lens = self._tensor(dec_lens)
-        return self._tensor(ids), meta, want
+        return self._tensor(ids), meta.with_decode_mask(), want
 
     @torch.no_grad()
     def run(self, work: list[Work], keep_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

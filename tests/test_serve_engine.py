@@ -313,13 +313,39 @@ def test_requests_beyond_the_context_or_the_pool_are_rejected_naming_the_field()
         engine.add("a", [1], ok, out("a"))
 
 
-def test_models_the_engine_cannot_run_are_refused_when_it_is_built():
-    model = _model("tiny-mixtral")
+def _with_window(model: dsmoe.Transformer, window: int) -> dsmoe.Transformer:
+    """The model with config.json's `sliding_window` set (as a checkpoint's config would carry it)."""
     config = copy.copy(model.config)
-    config.extra = {**config.extra, "sliding_window": 16}
+    config.extra = {**config.extra, "sliding_window": window}
     model.config = config
-    with pytest.raises(ValueError, match="sliding-window"):
-        _engine(model)
+    return model
+
+
+def test_sliding_window_attention_equals_transformers(tmp_path):
+    """Mixtral with a 6-token window: every query sees only the last 6 positions, in decodes and in chunks of
+    prompts; greedy tokens equal transformers' MixtralForCausalLM generate with the same window and weights."""
+    pytest.importorskip("transformers")
+    from hf_models import build_hf_model
+
+    ref = build_hf_model("mixtral")
+    ref.save_pretrained(tmp_path)
+    model = _with_window(dsmoe.load_pretrained(tmp_path, dtype=torch.float32), 6)
+    ref.config.sliding_window = 6
+    engine = _engine(model, block_size=4, max_running=4, max_tokens_per_step=8)  # prompts in chunks
+    out = Collector()
+    prompts = _prompts(5, 3, 20, seed=18, vocab=96)
+    for i, p in enumerate(prompts):
+        engine.add(str(i), p, SamplingParams(max_tokens=10), out(str(i)))
+    _drain(engine)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            expected = ref.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+            assert out.tokens[str(i)] == expected[0, len(p):].tolist(), f"request {i}"
+
+
+def test_models_the_engine_cannot_run_are_refused_when_it_is_built():
+    with pytest.raises(ValueError, match="sliding-window attention for GQA models only"):
+        _engine(_with_window(_model("tiny-v3"), 16))
     model = _model("tiny-v3")
     model.layers[1].attn = nn.Identity()
     with pytest.raises(ValueError, match="layer 1"):

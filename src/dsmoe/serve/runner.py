@@ -43,6 +43,8 @@ def check_servable(model: Transformer) -> None:
     for i, block in enumerate(model.layers):
         if type(block.attn) not in (GQAttention, MLAttention):
             raise ValueError(f"the serving engine cannot run layer {i}'s attention {type(block.attn).__name__}")
+        if getattr(block.attn, "indexer", None) is not None:  # V3.2's sparse attention (another branch)
+            raise ValueError(f"the serving engine does not implement sparse attention (layer {i}'s indexer)")
 
 
 @dataclass

@@ -64,7 +64,7 @@ class ModelRunner:
 
     def __init__(self, model: Transformer, pool: CachePool) -> None:
         check_servable(model)
-        if len(pool.layers) < model.config.num_hidden_layers or pool.config.num_hidden_layers != model.config.num_hidden_layers:
+        if pool.config.num_hidden_layers != model.config.num_hidden_layers:
             raise ValueError("the cache pool was built for another model configuration")
         param = model.embed.weight
         if pool.dtype != param.dtype or pool.layers[0][0].device != param.device:

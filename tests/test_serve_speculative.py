@@ -52,6 +52,7 @@ def test_speculative_requests_decode_plain_greedy_tokens_with_the_mtp_drafts_of_
     for i, p in enumerate(prompts):
         assert out.tokens[str(i)] == generate_alone(model, p, 12), f"request {i}"
     assert engine.accepted == accepted > 0 and engine.drafted > accepted
+    assert (engine.stats().speculative_drafted, engine.stats().speculative_accepted) == (engine.drafted, accepted)
     assert set(drafts) == {"0", "1", "3", "4"}
     with torch.no_grad():
         for rid, guesses in drafts.items():

@@ -315,3 +315,37 @@ def test_shutdown_drains_or_aborts_what_is_queued():
             assert all(out.tokens[str(i)] == generate_alone(model, p, 40) for i, p in enumerate(prompts))
         else:  # max_running=1: the later two never started
             assert {out.final[str(i)].finish_reason for i in (1, 2)} == {"abort"}
+
+
+def test_threaded_engine_under_concurrent_submits_and_aborts():
+    """Four client threads submit 24 requests and abort every third one at once, while the engine preempts
+    in a small pool: every request gets exactly one final event, the others are exact, the pool ends empty."""
+    model = tiny_model("tiny-v3")
+    loop = ThreadedEngine.from_model(model, cache_tokens=96, block_size=4, max_running=6, max_tokens_per_step=24)
+    out = Collector()
+    prompts = make_prompts(24, 2, 20, seed=19)
+
+    def client(k: int) -> None:
+        for i in range(k, 24, 4):
+            loop.submit(str(i), prompts[i], SamplingParams(max_tokens=6), out(str(i)))
+            if i % 3 == 0:
+                loop.abort(str(i))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    deadline = time.time() + 60
+    while len(out.final) < 24 and time.time() < deadline:
+        time.sleep(0.01)
+    loop.shutdown()
+    assert len(out.final) == 24  # Collector asserts no event after a final one
+    reasons = {rid: o.finish_reason for rid, o in out.final.items()}
+    # an aborted request could only finish first if its client thread stalled for 6 engine steps
+    assert sum(r == "abort" for r in reasons.values()) >= 6
+    for i, p in enumerate(prompts):
+        assert reasons[str(i)] in (("abort", "length") if i % 3 == 0 else ("length",)), f"request {i}"
+        if reasons[str(i)] == "length":
+            assert out.tokens[str(i)] == generate_alone(model, p, 6), f"request {i}"
+    assert loop.stats().blocks_used == 0 and loop.stats().running == loop.stats().waiting == 0

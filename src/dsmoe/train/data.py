@@ -282,9 +282,10 @@ class TokenStream:
 
 
 def encode_corpus(docs: list[Document], tokenizer: Tokenizer, eot_id: int | None = None,
-                  chunk_docs: int = 256) -> TokenStream:
+                  chunk_docs: int = 256, bos_id: int | None = None) -> TokenStream:
     """Encode documents (in parallel, in chunks to bound memory) into one `TokenStream`, each document
-    followed by the end-of-text id (``eot_id``, default: the tokenizer's ``<|endoftext|>``)."""
+    followed by the end-of-text id (``eot_id``, default: the tokenizer's ``<|endoftext|>``) and, when
+    ``bos_id`` is given, preceded by it (as a pretrained checkpoint's tokenizer frames a document)."""
     if not docs:
         raise DataError("cannot encode an empty corpus")
     if eot_id is None:
@@ -296,6 +297,8 @@ def encode_corpus(docs: list[Document], tokenizer: Tokenizer, eot_id: int | None
     for i in range(0, len(docs), chunk_docs):
         ids: list[int] = []
         for enc in encode([d.text for d in docs[i:i + chunk_docs]], add_special_tokens=False):
+            if bos_id is not None:
+                ids.append(bos_id)
             ids.extend(enc.ids)
             ids.append(eot_id)
         parts.append(torch.tensor(ids, dtype=torch.int32))  # int32 halves memory; batch() returns int64

@@ -392,7 +392,8 @@ def _resume_state(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     # except through token dropping, checked by the caller; the MUTABLE settings may change, reported).
     ours = run_record.record(cfg)
     for name in ours:
-        if name in run_record.MUTABLE or name == "lr_anchor" or name not in saved or saved[name] == ours[name]:
+        # (balance: the CLI refuses a changed flag by name; a changed dropping rule is refused by the caller)
+        if name in (*run_record.MUTABLE, "lr_anchor", "balance") or name not in saved or saved[name] == ours[name]:
             continue
         if name == "preset" and saved.get("config") is not None:
             continue

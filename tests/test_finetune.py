@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import CASES
+from train_assets import hf_checkpoint as _hf_checkpoint
+from train_assets import tokenizer_for as _tokenizer
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 import dsmoe
-from dsmoe.bench import spread_norms_and_router_biases
 from dsmoe.calc import arch_stats
 from dsmoe.checkpoint.fp8 import quantize_blockwise
 from dsmoe.presets import get_preset
@@ -25,7 +25,6 @@ from dsmoe.train import model_source
 from dsmoe.train.loop import TrainConfig, train
 from dsmoe.train.metrics import read_metrics
 
-BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"  # DeepSeek's spelling: not <|endoftext|>
 SMALL = dict(batch_size=4, seq_len=32, eval_every=4, eval_batches=1, save_every=4)
 
 
@@ -40,32 +39,6 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DSMOE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def _tokenizer(directory: Path, corpus: Path) -> Tokenizer:
-    """A checkpoint's own tokenizer: byte-level BPE with DeepSeek-style BOS (id 0) and EOS (id 1)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    texts = [p.read_text() for p in sorted(corpus.iterdir())]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=290, special_tokens=[BOS, EOS],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(directory / "tokenizer.json"))
-    return tok
-
-
-def _hf_checkpoint(directory: Path, case: str, corpus: Path) -> Path:
-    """A tiny random checkpoint written by transformers (config.json, safetensors, generation_config.json)."""
-    import transformers
-
-    family, kwargs = CASES[case]
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{family}Config")(**{**kwargs, "vocab_size": 300, "bos_token_id": 0,
-                                                         "eos_token_id": 1})
-    model = spread_norms_and_router_biases(getattr(transformers, f"{family}ForCausalLM")(config).eval())
-    model.save_pretrained(directory)
-    _tokenizer(directory, corpus)
-    return directory
 
 
 @pytest.mark.parametrize("case", ["v2-lite-noqlora", "mixtral"])

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from .bench import _add_bench
 from .common import PROG, CLIError, _fail, _Parser, load_config
+from .eval import _add_eval
 from .generate import _add_generate
 from .info import _add_info
 from .train import _add_train
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_generate(sub)
     _add_train(sub)
+    _add_eval(sub)
     _add_bench(sub)
     return parser
 

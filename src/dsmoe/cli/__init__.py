@@ -17,6 +17,7 @@ from .common import PROG, CLIError, _fail, _Parser, load_config
 from .eval import _add_eval
 from .generate import _add_generate
 from .info import _add_info
+from .plot import _add_plot
 from .train import _add_train
 
 __all__ = ["CLIError", "build_parser", "load_config", "main"]
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_plot(sub)
     _add_bench(sub)
     return parser
 

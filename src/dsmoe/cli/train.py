@@ -137,7 +137,6 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
 def build_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
     """The run's TrainConfig and, on --resume, the notes on what this command changes. The default --out is
     runs/NAME (NAME: the preset, the config file's folder or the --init checkpoint's folder)."""
-    from ..train import run_record
     from ..train.loop import TrainConfig
 
     given = given_settings(args)
@@ -148,12 +147,33 @@ def build_config(args: argparse.Namespace) -> tuple[Any, list[str]]:
         given["out"] = Path("runs") / (label or "run")
     if not args.resume:
         return TrainConfig(**given), []
+    return _resumed(given)
+
+
+def _resumed(given: dict[str, Any]) -> tuple[Any, list[str]]:
+    from ..train import run_record
+
     recorded = run_record.read_record(given["out"])
-    if "config" in given and recorded.get("config") is None and given["config"] == recorded.get("preset"):
-        given.pop("config")  # a run recorded before --config: its --preset
     merged, notes = run_record.merge_for_resume(recorded, given)
     merged["resume"] = True
     return run_record.config_from_record(merged), notes
+
+
+def _finished_run(cfg: Any, given: dict[str, Any]) -> int | None:
+    """The step of the finished run already in cfg.out when this command (without --resume) asks for exactly
+    that run, so a documented command can be run twice; None otherwise (the loop then refuses an occupied
+    --out or continues a --resume)."""
+    from ..train import checkpoint, run_record
+
+    current = cfg.out / checkpoint.CURRENT
+    if cfg.resume or not current.exists():
+        return None
+    try:
+        merged, notes = run_record.merge_for_resume(run_record.read_record(cfg.out), given)
+        step = int(current.resolve().name.removeprefix("step-"))
+    except (run_record.TrainingError, ValueError):
+        return None
+    return step if not notes and step >= merged["steps"] else None
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -165,8 +185,13 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         cfg, notes = build_config(args)
         config = cfg.model_config()
+        finished = _finished_run(cfg, given_settings(args))
     except (TrainingError, DataError) as err:
         raise CLIError(str(err)) from None
+    if finished is not None:
+        print(f"{cfg.out} already holds this run, finished at step {finished}: nothing to do (--resume --steps N "
+              "trains it longer; another --out starts a new run)", file=sys.stderr)
+        return 0
     info = parallel.init_distributed(cfg.ep, config.n_routed_experts)
     console = Console(cfg, quiet=not info.is_main)
     for note in notes:

@@ -8,7 +8,6 @@ of the step.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from ..ops.capacity import TokenDropping, protected_sequences
 from ..parallel import ParallelInfo
 from . import balance, checkpoint, data, metrics, model_source, run_record
 from .errors import TrainingError
+from .interrupt import StopRequest
 from .prepare import prepare_corpus
 from .objective import BalanceSettings, compute_losses, dropped_fraction, expert_loads, update_biases
 
@@ -195,9 +195,9 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     base_config = cfg.model_config()
     with_mtp = None
     if cfg.init is not None:
-        with_mtp = checkpoint_has_mtp_dir(cfg.init, base_config)
+        with_mtp = model_source.checkpoint_has_mtp_dir(cfg.init, base_config)
     sizes = model_source.meta_parameters(base_config, with_mtp)
-    trainable = model_source.select_trainable([*sizes, *_bias_names(base_config, with_mtp)], base_config,
+    trainable = model_source.select_trainable([*sizes, *model_source.router_bias_names(base_config, with_mtp)], base_config,
                                               cfg.train_only, cfg.freeze)
     model_source.check_fits(cfg.model_name, sizes, trainable)
     torch.manual_seed(cfg.seed)
@@ -245,7 +245,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     layers = model.moe_layers(include_mtp=True)
     # the aux-loss-free bias moves only where --train-only / --freeze leave it trainable
     bias_layers = [moe for moe in layers if moe.gate.bias is not None and bias_names.get(id(moe.gate.bias)) in trainable]
-    stop = _StopRequest(on_event) if interruptible and not info.distributed else None
+    stop = StopRequest(on_event) if interruptible and not info.distributed else None
     try:
         return _steps(cfg, on_event, info, state, model, optimizer, corpus, settings, dropping, dropping_record,
                       my_rows, log, layers, bias_layers, stop)
@@ -254,39 +254,10 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
             stop.restore()
 
 
-class _StopRequest:
-    """SIGINT handler for the training steps: the first Ctrl-C asks for a checkpoint and a clean stop, then
-    the default handler is back, so the second one interrupts wherever the run is."""
-
-    def __init__(self, on_event: Callable[[dict[str, Any]], None]) -> None:
-        import signal
-        import threading
-
-        self.requested = False
-        self._on_event = on_event
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        self._on_event({"event": "status", "message": "Ctrl-C: saving a checkpoint after this step "
-                                                      "(Ctrl-C again to quit at once)"})
-
-    def restore(self) -> None:
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def _steps(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None], info: ParallelInfo, state: dict[str, Any],
            model: Transformer, optimizer: torch.optim.Optimizer, corpus: Any, settings: BalanceSettings,
            dropping: TokenDropping | None, dropping_record: dict[str, Any] | None, my_rows: torch.Tensor,
-           log: metrics.MetricsLog | None, layers: list, bias_layers: list, stop: _StopRequest | None
+           log: metrics.MetricsLog | None, layers: list, bias_layers: list, stop: StopRequest | None
            ) -> dict[str, Any]:
     """The training steps from state["step"] to cfg.steps, then the plots; returns the last record."""
     train_stream, val_stream = corpus.train, corpus.val
@@ -352,7 +323,7 @@ def _save(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer
     if info.is_main:
         checkpoint.save_checkpoint(cfg.out, full_model, files, {
             "step": step, "position": position, "optimizer": full_optimizer,
-            "rng": checkpoint.rng_state(), "train_config": _jsonable(asdict(cfg)), "dropping": dropping})
+            "rng": checkpoint.rng_state(), "train_config": run_record.record(cfg), "dropping": dropping})
         run_record.write_record(cfg.out, cfg)
     parallel.barrier(info)
 
@@ -387,7 +358,9 @@ def _resume_state(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
         directory, state = checkpoint.load_checkpoint(cfg.out)
     except (FileNotFoundError, checkpoint.DamagedCheckpoint) as err:
         raise TrainingError(str(err)) from None
-    saved = state.get("train_config", {})
+    saved = dict(state.get("train_config", {}))
+    for name in run_record.PATH_SETTINGS:  # checkpoints from before run.json kept the paths as given
+        saved[name] = run_record.absolute_path(saved.get(name))
     # Everything a step computes must match the run (--ep may change: the result does not depend on it,
     # except through token dropping, checked by the caller; the MUTABLE settings may change, reported).
     ours = run_record.record(cfg)
@@ -437,26 +410,3 @@ def _describe_dropping(record: dict[str, Any] | None) -> str:
     per = f"device ({rule['devices']} devices)" if rule["level"] == "device" else "expert"
     processes = f"{record['processes']} process{'es' if record['processes'] > 1 else ''}"
     return f"capacity factor {rule['capacity_factor']} per {per}, {record['protect']} protected, {processes}"
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def checkpoint_has_mtp_dir(directory: Path, config: ModelConfig) -> bool:
-    """Whether the checkpoint in `directory` holds DeepSeek-V3 MTP modules (load_pretrained then builds them)."""
-    from ..checkpoint.names import checkpoint_has_mtp
-    from ..checkpoint.shards import ShardReader
-
-    with ShardReader(Path(directory)) as reader:
-        return checkpoint_has_mtp(config, set(reader.names()))
-
-
-def _bias_names(config: ModelConfig, with_mtp: bool | None) -> list[str]:
-    """Names of the routers' correction-bias buffers (V3 routing), which --train-only / --freeze also select."""
-    if config.topk_method != "noaux_tc" or not config.is_moe:
-        return []
-    layers = [f"layers.{i}" for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-    depth = config.num_nextn_predict_layers if with_mtp in (None, True) else 0
-    layers += [f"mtp.{k}.block" for k in range(depth) if config.is_moe_layer(config.num_hidden_layers + k)]
-    return [f"{layer}.ffn.gate.bias" for layer in layers]

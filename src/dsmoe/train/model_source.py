@@ -164,3 +164,20 @@ def check_fits(what: str, sizes: dict[str, int], trainable: set[str], available:
                          f"more than the {format_bytes(have)} of memory available; pick a smaller --config / --set, "
                          "or --train-only / --freeze part of it")
     return need
+def checkpoint_has_mtp_dir(directory: Path, config: ModelConfig) -> bool:
+    """Whether the checkpoint in `directory` holds DeepSeek-V3 MTP modules (load_pretrained then builds them)."""
+    from ..checkpoint.names import checkpoint_has_mtp
+    from ..checkpoint.shards import ShardReader
+
+    with ShardReader(Path(directory)) as reader:
+        return checkpoint_has_mtp(config, set(reader.names()))
+
+
+def router_bias_names(config: ModelConfig, with_mtp: bool | None) -> list[str]:
+    """Names of the routers' correction-bias buffers (V3 routing), which --train-only / --freeze also select."""
+    if config.topk_method != "noaux_tc" or not config.is_moe:
+        return []
+    layers = [f"layers.{i}" for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    depth = config.num_nextn_predict_layers if with_mtp in (None, True) else 0
+    layers += [f"mtp.{k}.block" for k in range(depth) if config.is_moe_layer(config.num_hidden_layers + k)]
+    return [f"{layer}.ffn.gate.bias" for layer in layers]

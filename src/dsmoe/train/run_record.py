@@ -35,9 +35,20 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+PATH_SETTINGS = ("data", "init")
+
+
+def absolute_path(value: Any) -> Any:
+    return None if value is None else str(Path(value).expanduser().resolve())
+
+
 def record(cfg: Any) -> dict[str, Any]:
-    """The recorded settings of a TrainConfig: every field but those of one invocation (--out, --resume, --ep)."""
-    return {k: v for k, v in jsonable(asdict(cfg)).items() if k not in NOT_RECORDED}
+    """The recorded settings of a TrainConfig: every field but those of one invocation (--out, --resume, --ep),
+    paths made absolute (a run resumes from any working directory)."""
+    out = {k: v for k, v in jsonable(asdict(cfg)).items() if k not in NOT_RECORDED}
+    for name in PATH_SETTINGS:
+        out[name] = absolute_path(out.get(name))
+    return out
 
 
 def write_record(out: Path, cfg: Any) -> None:
@@ -91,8 +102,10 @@ def merge_for_resume(recorded: dict[str, Any], given: dict[str, Any]) -> tuple[d
                                         "it, or start a new run in another --out")
             continue
         old, new = recorded.get(name), jsonable(value)
-        if name == "preset" and recorded.get("config") is not None:
-            old = recorded["config"]
+        if name in PATH_SETTINGS:
+            old, new = absolute_path(old), absolute_path(new)
+        if name == "config" and old is None:
+            old = recorded.get("preset")  # the run named its architecture with --preset (or took the default)
         if new == old:
             continue
         if name in MUTABLE:

@@ -18,6 +18,7 @@ from .eval import _add_eval
 from .generate import _add_generate
 from .info import _add_info
 from .plot import _add_plot
+from .tokenize import _add_tokenize
 from .train import _add_train
 
 __all__ = ["CLIError", "build_parser", "load_config", "main"]
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_plot(sub)
+    _add_tokenize(sub)
     _add_bench(sub)
     return parser
 

@@ -65,8 +65,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     opt("--save-every", d.save_every, "checkpoint every K steps; the newest 2 are kept", type=_positive_int,
         metavar="K")
     opt("--eval-every", d.eval_every, "validation loss every K steps", type=_positive_int, metavar="K")
-    opt("--data", None, "folder of .txt/.py/.md files, or a .jsonl with a 'text' field (none: the Python "
-        "standard library)", type=Path, metavar="PATH")
+    opt("--data", None, "a folder of .txt/.py/.md files, one such file, a .jsonl, a .parquet, or token shards "
+        "from dsmoe tokenize (streamed from disk) (none: the Python standard library)", type=Path, metavar="PATH")
+    opt("--field", "text", "the text's field in a .jsonl, or column in a .parquet", dest="data_field",
+        metavar="NAME")
+    p.add_argument("--strict-data", action="store_true", default=None,
+                   help="refuse a file that is not valid UTF-8 (default: skip it with a warning naming it)")
     opt("--batch-size", d.batch_size, type=_positive_int, metavar="B")
     opt("--seq-len", d.seq_len, type=_positive_int, metavar="T")
     opt("--vocab-size", None, "tokenizer size trained for a new model (none: the config's vocab_size)",
@@ -109,7 +113,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 _FIELDS = ("preset", "config", "init", "train_only", "freeze", "out", "steps", "seed", "save_every", "eval_every",
-           "data", "batch_size", "seq_len", "vocab_size", "lr", "warmup", "min_lr_ratio", "weight_decay", "dtype",
+           "data", "data_field", "strict_data", "batch_size", "seq_len", "vocab_size", "lr", "warmup", "min_lr_ratio",
+           "weight_decay", "dtype",
            "mtp_weight", "ep", "capacity_factor", "drop_level", "drop_protect")
 
 

@@ -97,6 +97,8 @@ class Console:
                 self._progress.update(self._task, description=event["message"])
             elif self._started:  # plain output: start-up stages are not worth a line, an error then is alone
                 self.line(event["message"])
+        elif kind == "warning":
+            self.line(f"warning: {event['message']}")
         elif kind == "resumed":
             self.line(f"resuming from step {event['step']}")
         elif kind == "start":

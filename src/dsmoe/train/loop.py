@@ -46,7 +46,9 @@ class TrainConfig:
     out: Path = Path("runs/tiny-v3")
     save_every: int = 200
     resume: bool = False
-    data: Path | None = None  # None: the Python standard library's source
+    data: Path | None = None  # None: the Python standard library's source; a folder, file or token shards
+    data_field: str = "text"  # the text's field in a .jsonl / column in a .parquet
+    strict_data: bool = False  # refuse a file that is not UTF-8 (default: skip it with a warning)
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3

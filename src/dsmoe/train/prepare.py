@@ -15,7 +15,7 @@ from .. import parallel
 from ..checkpoint.generation_config import FILE_NAME as GENERATION_CONFIG, GenerationConfig, read_generation_config
 from ..config import ModelConfig
 from ..parallel import ParallelInfo
-from . import data, tokenizer
+from . import data, shards, tokenizer
 from .errors import TrainingError
 
 # Files of a Hugging Face checkpoint's tokenizer copied verbatim into a fine-tuning run's checkpoints, so
@@ -39,10 +39,14 @@ class Corpus:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
-def checkpoint_token_ids(directory: Path, config: ModelConfig, tok: Any) -> tuple[int, int | None, GenerationConfig]:
-    """(eos_id, bos_id, generation config) of a checkpoint: generation_config.json first, then config.json,
-    then the tokenizer's <|endoftext|>. DataError when no end-of-text id can be found or it lies outside the
-    tokenizer."""
+def checkpoint_token_ids(directory: Path, config: ModelConfig | None, tok: Any
+                         ) -> tuple[int, int | None, GenerationConfig]:
+    """(eos_id, bos_id, generation config) of a checkpoint: generation_config.json first, then config.json
+    (`config`, or the directory's file when None), then the tokenizer's <|endoftext|>. DataError when no
+    end-of-text id can be found or it lies outside the tokenizer."""
+    directory = Path(directory)
+    if config is None:
+        config = _token_ids_of_config_json(directory)
     gen = read_generation_config(directory)
     eos = gen.eos_token_id[0] if gen is not None and gen.eos_token_id else None
     if eos is None and config.eos_token_id is not None:
@@ -62,13 +66,30 @@ def checkpoint_token_ids(directory: Path, config: ModelConfig, tok: Any) -> tupl
     return eos, bos, gen
 
 
+def _token_ids_of_config_json(directory: Path) -> Any:
+    """The bos/eos ids of directory/config.json, if any, without requiring a whole model config."""
+    import json
+    from types import SimpleNamespace
+
+    raw: dict[str, Any] = {}
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        pass
+    raw = raw if isinstance(raw, dict) else {}
+    return SimpleNamespace(eos_token_id=raw.get("eos_token_id"), bos_token_id=raw.get("bos_token_id"))
+
+
 def prepare_corpus(cfg: Any, model_config: ModelConfig, info: ParallelInfo,
                    on_event: Callable[[dict[str, Any]], None], resume_dir: Path | None, depth: int) -> Corpus:
     """Tokenizer and token streams for `cfg` (a TrainConfig). With cfg.init the checkpoint's tokenizer is
     used as it is (no tokenizer is trained); otherwise one is trained on the training split (cached).
     `depth`: MTP depth, which lengthens each training window."""
+    if shards.is_shard_dir(cfg.data):
+        return _shard_corpus(cfg, model_config, resume_dir, depth)
     on_event({"event": "status", "message": "reading corpus"})
-    docs = data.load_corpus(cfg.data)
+    warn = lambda message: on_event({"event": "warning", "message": message})  # noqa: E731
+    docs = data.load_corpus(cfg.data, cfg.data_field, cfg.strict_data, warn)
     train_docs, val_docs = data.split_corpus(docs, seed=cfg.seed)
     files: dict[str, bytes] = {}
     if cfg.init is not None:
@@ -101,6 +122,42 @@ def prepare_corpus(cfg: Any, model_config: ModelConfig, info: ParallelInfo,
     on_event({"event": "status", "message": "tokenizing"})
     train_stream = data.encode_corpus(train_docs, tok, eos, bos_id=bos)
     val_stream = data.encode_corpus(val_docs, tok, eos, bos_id=bos)
+    _check_windows(cfg, train_stream, val_stream, depth)
+    return Corpus(tok, eos, bos, train_stream, val_stream, files)
+
+
+def _shard_corpus(cfg: Any, model_config: ModelConfig, resume_dir: Path | None, depth: int) -> Corpus:
+    """Token shards from `dsmoe tokenize`: their tokenizer and ids, streamed from disk."""
+    directory = Path(cfg.data)
+    index, train_stream, val_stream = shards.open_shards(directory)
+    tok = tokenizer.load_tokenizer(directory)
+    if cfg.init is not None:
+        init_tok = Path(cfg.init) / "tokenizer.json"
+        if not init_tok.is_file() or shards.sha256_file(init_tok) != index["tokenizer_sha256"]:
+            raise TrainingError(f"--data {directory} was tokenized with another tokenizer than --init {cfg.init}'s "
+                                f"(run dsmoe tokenize --tokenizer {cfg.init})")
+    if index["vocab_size"] > model_config.vocab_size and cfg.init is not None:
+        raise TrainingError(f"--data {directory}: {index['vocab_size']} token ids, more than the model's "
+                            f"{model_config.vocab_size}")
+    if resume_dir is not None and (resume_dir / "tokenizer.json").is_file() and \
+            tokenizer.load_tokenizer(resume_dir).get_vocab() != tok.get_vocab():
+        raise TrainingError(f"--resume: the shards at --data {directory} use another tokenizer than the run in "
+                            f"{cfg.out} was trained with")
+    eos, bos = index["eos_token_id"], index["bos_token_id"]
+    files = {"tokenizer.json": (directory / "tokenizer.json").read_bytes()}
+    if cfg.init is not None:
+        _, _, gen = checkpoint_token_ids(Path(cfg.init), model_config, tok)
+        for name in TOKENIZER_FILES[1:]:
+            if (Path(cfg.init) / name).is_file():
+                files[name] = (Path(cfg.init) / name).read_bytes()
+    else:
+        gen = GenerationConfig(bos_token_id=bos, eos_token_id=[eos])
+    files[GENERATION_CONFIG] = _json(gen.to_dict()).encode()
+    _check_windows(cfg, train_stream, val_stream, depth)
+    return Corpus(tok, eos, bos, train_stream, val_stream, files)
+
+
+def _check_windows(cfg: Any, train_stream: data.TokenStream, val_stream: data.TokenStream, depth: int) -> None:
     # Both splits must hold one window before the first step: the validation split otherwise fails only at
     # the first evaluation, possibly before any checkpoint.
     for split, stream, need in (("training", train_stream, cfg.seq_len + 1 + depth),
@@ -110,7 +167,6 @@ def prepare_corpus(cfg: Any, model_config: ModelConfig, info: ParallelInfo,
                                  f"window of {need} (--seq-len {cfg.seq_len} + 1"
                                  f"{f' + {depth} MTP' if split == 'training' and depth else ''}): add text or "
                                  "lower --seq-len")
-    return Corpus(tok, eos, bos, train_stream, val_stream, files)
 
 
 def _json(value: dict[str, Any]) -> str:

@@ -6,7 +6,6 @@ import inspect
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +26,17 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def _eval(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsmoe", "eval", *args], capture_output=True, text=True,
-                          timeout=300)
+def _eval(capsys, *args: str) -> tuple[int, str, str]:
+    """`dsmoe eval` in this process: (exit status, stdout, stderr)."""
+    from dsmoe.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(["eval", *args])
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("seq_len,stride", [(12, 12), (16, 5)])
@@ -42,16 +49,16 @@ def test_windows_score_every_token_once(seq_len, stride):
 
 
 @pytest.mark.parametrize("case", ["v2-lite-noqlora", "mixtral"])
-def test_perplexity_equals_transformers(case, corpus, tmp_path):
+def test_perplexity_equals_transformers(case, corpus, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     model_dir = hf_checkpoint(tmp_path / "model", case, corpus)
     text = tmp_path / "held_out.txt"
     text.write_text(inspect.getsource(json.decoder)[:3000])
     seq_len, stride = 32, 12
-    result = _eval("--model", str(model_dir), "--data", str(text), "--seq-len", str(seq_len), "--stride",
-                   str(stride), "--json")
-    assert result.returncode == 0, result.stderr
-    got = json.loads(result.stdout)
+    code, stdout, stderr = _eval(capsys, "--model", str(model_dir), "--data", str(text), "--seq-len", str(seq_len),
+                                 "--stride", str(stride), "--json")
+    assert code == 0, stderr
+    got = json.loads(stdout)
 
     # The oracle: transformers' logits over the same windows of the same tokens (BOS + text + EOS).
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -95,7 +102,6 @@ def test_mtp_acceptance_matches_a_direct_count(tmp_path):
     assert result.mtp_correct == [int((draft[:38] == ids[2:]).sum())]
 
 
-def test_eval_errors_are_one_line(tmp_path, corpus):
-    result = _eval("--model", str(tmp_path / "missing"), "--data", str(corpus))
-    assert result.returncode == 2 and result.stderr.startswith("dsmoe: error: --model") and \
-        result.stderr.count("\n") == 1, result.stderr
+def test_eval_errors_are_one_line(tmp_path, corpus, capsys):
+    code, _, stderr = _eval(capsys, "--model", str(tmp_path / "missing"), "--data", str(corpus))
+    assert code == 2 and stderr.startswith("dsmoe: error: --model") and stderr.count("\n") == 1, stderr

@@ -7,7 +7,6 @@ import inspect
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -156,13 +155,18 @@ def test_patterns_match_dsmoe_and_hub_names():
         model_source.select_trainable(names, config, train_only=("nothing*",))
 
 
-def test_a_model_too_big_for_memory_is_refused_before_allocating(tmp_path):
+def test_a_model_too_big_for_memory_is_refused_before_allocating(tmp_path, capsys):
     sizes = model_source.meta_parameters(get_preset("deepseek-v3"))  # the meta device: no memory
     stats = arch_stats(get_preset("deepseek-v3"))  # the closed-form count: 671B + the MTP module
     assert sum(sizes.values()) == stats.total_params + stats.mtp_params
     with pytest.raises(ValueError, match=r"682\.6B parameters need about 9\.9 TiB .* more than the 64\.0 GiB"):
         model_source.check_fits("deepseek-v3", sizes, set(sizes), available=64 * 2**30)
-    result = subprocess.run([sys.executable, "-m", "dsmoe", "train", "--preset", "deepseek-v3", "--out",
-                             str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("dsmoe: error: deepseek-v3:") and "AdamW" in result.stderr
+    from dsmoe.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # the command as a user types it, in this process
+        main(["train", "--preset", "deepseek-v3", "--out", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("dsmoe: error: deepseek-v3:") and "AdamW" in stderr
+    assert not (tmp_path / "run").exists()

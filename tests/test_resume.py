@@ -44,6 +44,18 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
+def _main(capsys, *args: str) -> tuple[int, str]:
+    """The command in this process (no interpreter start-up): (exit status, stderr)."""
+    from dsmoe.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
 def _recorded_run(tmp_path: Path, corpus: Path, **settings) -> Path:
     """A run directory holding only the record of a run (no training needed to check flags against it)."""
     out = tmp_path / "run"
@@ -95,7 +107,7 @@ def test_learning_rate_stays_continuous_when_steps_change():
         assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0.1 * old.lr)
 
 
-def test_resume_from_an_older_checkpoint_with_new_steps(corpus, tmp_path):
+def test_resume_from_an_older_checkpoint_with_new_steps(corpus, tmp_path, capsys):
     """ln -sfn an older checkpoint (as the damaged-state message advises), resume with other --steps and
     --save-every: it says so, the lr goes on from where it was, the abandoned newer checkpoint is removed and
     the good ones kept; the progress lines show the LM loss from the first step."""
@@ -104,9 +116,9 @@ def test_resume_from_an_older_checkpoint_with_new_steps(corpus, tmp_path):
     first = read_metrics(out / "metrics.jsonl")
     (out / "current").unlink()
     (out / "current").symlink_to("step-000004")
-    result = _cli("train", "--out", str(out), "--resume", "--steps", "6", "--save-every", "1")
-    assert result.returncode == 0, result.stderr
-    lines = result.stderr.splitlines()
+    code, stderr = _main(capsys, "train", "--out", str(out), "--resume", "--steps", "6", "--save-every", "1")
+    assert code == 0, stderr
+    lines = stderr.splitlines()
     assert "--resume: --steps 8 -> 6" in lines and "resuming from step 4" in lines
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000005", "step-000006"]  # 8: abandoned
     records = read_metrics(out / "metrics.jsonl")
@@ -119,15 +131,17 @@ def test_resume_from_an_older_checkpoint_with_new_steps(corpus, tmp_path):
     assert json.loads((out / "run.json").read_text())["steps"] == 6
 
     # The same command without --resume on the finished run: nothing to do, not an error (Quick start twice).
-    again = _cli("train", "--out", str(out), "--data", str(corpus), "--preset", "tiny-v1", "--steps", "6")
-    assert again.returncode == 0 and "already holds this run, finished at step 6" in again.stderr
-    other = _cli("train", "--out", str(out), "--data", str(corpus), "--preset", "tiny-v1", "--steps", "9")
-    assert other.returncode == 2 and "already holds a run: pass --resume" in other.stderr
+    code, stderr = _main(capsys, "train", "--out", str(out), "--data", str(corpus), "--preset", "tiny-v1", "--steps",
+                         "6")
+    assert code == 0 and "already holds this run, finished at step 6" in stderr
+    code, stderr = _main(capsys, "train", "--out", str(out), "--data", str(corpus), "--preset", "tiny-v1", "--steps",
+                         "9")
+    assert code == 2 and "already holds a run: pass --resume" in stderr
 
     (out / "loss.png").unlink()
-    plotted = _cli("plot", str(out))
-    assert plotted.returncode == 0 and (out / "loss.png").stat().st_size > 0
-    assert _cli("plot", str(tmp_path)).stderr.startswith("dsmoe: error:")
+    assert _main(capsys, "plot", str(out))[0] == 0 and (out / "loss.png").stat().st_size > 0
+    code, stderr = _main(capsys, "plot", str(tmp_path))
+    assert code == 2 and stderr.startswith("dsmoe: error:")
 
 
 def test_every_train_option_shows_its_default():

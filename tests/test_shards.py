@@ -7,7 +7,6 @@ import inspect
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -97,7 +96,7 @@ def test_jsonl_field_and_parquet_sources(tok_dir, tmp_path):
         write_shards(tmp_path / "docs.parquet", tok_dir, tmp_path / "other")
 
 
-def test_a_file_that_is_not_utf8_is_skipped_with_a_warning_or_refused(corpus, tok_dir, tmp_path):
+def test_a_file_that_is_not_utf8_is_skipped_with_a_warning_or_refused(corpus, tok_dir, tmp_path, capsys):
     import shutil
 
     folder = tmp_path / "corpus"
@@ -112,10 +111,14 @@ def test_a_file_that_is_not_utf8_is_skipped_with_a_warning_or_refused(corpus, to
     assert torch.equal(train_s._slice(0, len(train_s)), train_m.tokens.long())
     with pytest.raises(DataError, match=r"latin\.txt: not valid UTF-8 .*--strict-data refuses it"):
         write_shards(folder, tok_dir, tmp_path / "strict", strict=True)
-    result = subprocess.run([sys.executable, "-m", "dsmoe", "tokenize", "--data", str(folder), "--tokenizer",
-                             str(tok_dir), "--out", str(tmp_path / "cli"), "--strict-data"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith("dsmoe: error:") and "latin.txt" in result.stderr
+    from dsmoe.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenize", "--data", str(folder), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "cli"),
+              "--strict-data"])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and stderr.startswith("dsmoe: error:") and "latin.txt" in stderr
     # training from the folder itself skips it too, with the warning as an event
     events: list[dict] = []
     with pytest.raises(Exception):  # stop right after the corpus is read: a window longer than the corpus

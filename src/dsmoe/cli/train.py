@@ -209,6 +209,10 @@ def _run_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.close()
         step = console.saved_step
+        if step is not None and step >= cfg.steps and info.is_main:
+            print(f"dsmoe: interrupted while plotting; the run is complete at step {step} "
+                  f"(dsmoe plot {cfg.out} draws the plots)", file=sys.stderr)
+            raise SystemExit(130) from None
         if step is not None and info.is_main:
             print(f"dsmoe: interrupted; step {step} is saved: continue with dsmoe train --out {cfg.out} --resume",
                   file=sys.stderr)

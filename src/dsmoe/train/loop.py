@@ -249,11 +249,16 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     bias_layers = [moe for moe in layers if moe.gate.bias is not None and bias_names.get(id(moe.gate.bias)) in trainable]
     stop = StopRequest(on_event) if interruptible and not info.distributed else None
     try:
-        return _steps(cfg, on_event, info, state, model, optimizer, corpus, settings, dropping, dropping_record,
-                      my_rows, log, layers, bias_layers, stop)
+        record = _steps(cfg, on_event, info, state, model, optimizer, corpus, settings, dropping, dropping_record,
+                        my_rows, log, layers, bias_layers, stop)
     finally:
         if stop is not None:
             stop.restore()
+    if info.is_main:  # the run is complete and saved: a Ctrl-C from here on only stops the plots
+        on_event({"event": "status", "message": "plotting"})
+        metrics.plot_run(cfg.out)
+    on_event({"event": "done", **record})
+    return record
 
 
 def _steps(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None], info: ParallelInfo, state: dict[str, Any],
@@ -261,7 +266,7 @@ def _steps(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None], info: P
            dropping: TokenDropping | None, dropping_record: dict[str, Any] | None, my_rows: torch.Tensor,
            log: metrics.MetricsLog | None, layers: list, bias_layers: list, stop: StopRequest | None
            ) -> dict[str, Any]:
-    """The training steps from state["step"] to cfg.steps, then the plots; returns the last record."""
+    """The training steps from state["step"] to cfg.steps; returns the last record."""
     train_stream, val_stream = corpus.train, corpus.val
     depth = len(model.mtp)
     position, record = state["position"], {}
@@ -308,9 +313,6 @@ def _steps(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None], info: P
         if interrupted:
             on_event({"event": "interrupted", "step": step + 1})
             raise KeyboardInterrupt
-    if info.is_main:
-        metrics.plot_run(cfg.out)
-    on_event({"event": "done", **record})
     return record
 
 

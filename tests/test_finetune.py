@@ -60,6 +60,10 @@ def test_fine_tune_a_transformers_checkpoint(case, corpus, tmp_path):
         # and it is not the source model any more
         before = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
         assert not torch.allclose(before(ids).logits, ref(ids).logits, atol=1e-3)
+    # and `dsmoe generate` writes text with the checkpoint's tokenizer
+    from dsmoe.cli import main
+
+    assert main(["generate", "--model", str(out), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
 
 
 @pytest.mark.parametrize("case,flags,pattern", [

@@ -123,7 +123,10 @@ class Console:
         if self._first is None:
             self._first = (step, now)
         done = step - self._first[0]
-        eta = (now - self._first[1]) / done * (self.steps - step) if done > 0 else None
+        if done > 0:
+            eta = (now - self._first[1]) / done * (self.steps - step)
+        else:  # the first step: its own duration (evaluation and saving come on top)
+            eta = (self.steps - step) * self.cfg.batch_size * self.cfg.seq_len / max(record["tokens_per_s"], 1e-9)
         summary = step_summary(record, self.steps, eta)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=summary.split("  ", 1)[1])

@@ -9,7 +9,6 @@ Pattern matching is `fnmatch` over parameter names, tried against both dsmoe's n
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -48,13 +47,6 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def _config_keys() -> set[str]:
-    from ..config import _HF_ALIASES  # the config.json spellings that map onto a field
-
-    return {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"} | set(_HF_ALIASES) | {
-        "rope_theta", "rope_scaling", "rope_parameters"}
-
-
 def resolve_config(spec: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
     """A preset name, a config.json path or a directory holding one, with `overrides` applied as config.json
     keys, validated as a whole (ValueError naming the field, or the unknown key)."""
@@ -67,17 +59,19 @@ def resolve_config(spec: str, overrides: dict[str, Any] | None = None) -> ModelC
                              "config.json or checkpoint directory")
         raw = ModelConfig.from_hf(path).to_hf()
     overrides = overrides or {}
-    unknown = sorted(set(overrides) - _config_keys())
-    if unknown:
-        raise ValueError(f"--set {unknown[0]}: not a model config field (e.g. num_hidden_layers, n_routed_experts, "
-                         "hidden_size, num_nextn_predict_layers)")
     raw.update(overrides)
     if "rope_theta" in overrides or "rope_scaling" in overrides:
         raw.pop("rope_parameters", None)  # the Hub-style keys the user set win over the v5 block
     try:
-        return ModelConfig.from_hf(raw)
+        config = ModelConfig.from_hf(raw)
     except TypeError as err:
         raise ValueError(f"--set: {err}") from None
+    # from_hf keeps the keys it does not model in `extra`: a --set key landing there is a typo, not a setting
+    unknown = sorted(set(overrides) & set(config.extra))
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}: not a model config field (e.g. num_hidden_layers, n_routed_experts, "
+                         "hidden_size, num_nextn_predict_layers)")
+    return config
 
 
 def select_trainable(names: Sequence[str], config: ModelConfig, train_only: Sequence[str] = (),

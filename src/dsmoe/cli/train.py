@@ -16,6 +16,16 @@ _BALANCE = ("expert_alpha", "device_alpha", "comm_alpha", "seq_alpha", "mixtral_
             "max_devices")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _patterns(text: str) -> tuple[str, ...]:
     patterns = tuple(p.strip() for p in text.split(",") if p.strip())
     if not patterns:
@@ -36,9 +46,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "generation_config.json, metrics.jsonl and plots to --out. "
                                    "'dsmoe train --out DIR --resume' continues a run with its recorded settings.")
 
-    def opt(flag: str, default: Any, help_: str = "", **kw: Any) -> None:
+    def opt(flag: str, default: Any, help_: str = "", shown: str | None = None, **kw: Any) -> None:
         # default None: only the flags given are known as given (a resumed run keeps its recorded settings)
-        shown = "(none)" if default in (None, (), {}) else default
+        shown = shown or ("none" if default in (None, (), {}) else default)
         p.add_argument(flag, default=None, help=f"{help_}{' ' if help_ else ''}(default: {shown})".replace("%", "%%"),
                        **kw)
 
@@ -56,7 +66,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     opt("--freeze", None, "freeze the parameters matching these patterns, e.g. '*experts*'", type=_patterns,
         metavar="PATTERNS")
     # the run
-    opt("--out", None, "run directory (default runs/NAME)", type=Path, metavar="DIR")
+    opt("--out", None, "run directory", shown="runs/NAME: the preset, config or --init folder's name", type=Path,
+        metavar="DIR")
     p.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint with its recorded settings; only "
                           "--steps, --save-every, --eval-every and --ep may change")
@@ -66,17 +77,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="K")
     opt("--eval-every", d.eval_every, "validation loss every K steps", type=_positive_int, metavar="K")
     opt("--data", None, "a folder of .txt/.py/.md files, one such file, a .jsonl, a .parquet, or token shards "
-        "from dsmoe tokenize (streamed from disk) (none: the Python standard library)", type=Path, metavar="PATH")
+        "from dsmoe tokenize (streamed from disk)", shown="the Python standard library's source", type=Path, metavar="PATH")
     opt("--field", "text", "the text's field in a .jsonl, or column in a .parquet", dest="data_field",
         metavar="NAME")
     p.add_argument("--strict-data", action="store_true", default=None,
                    help="refuse a file that is not valid UTF-8 (default: skip it with a warning naming it)")
     opt("--batch-size", d.batch_size, type=_positive_int, metavar="B")
     opt("--seq-len", d.seq_len, type=_positive_int, metavar="T")
-    opt("--vocab-size", None, "tokenizer size trained for a new model (none: the config's vocab_size)",
+    opt("--vocab-size", None, "tokenizer size trained for a new model", shown="the config's vocab_size",
         type=_positive_int, metavar="V")
     opt("--lr", d.lr, "peak learning rate", type=_positive_float, metavar="LR")
-    opt("--warmup", d.warmup, "linear warmup steps, then a cosine decay", type=int, metavar="N")
+    opt("--warmup", d.warmup, "linear warmup steps, then a cosine decay", type=_non_negative_int, metavar="N")
     opt("--min-lr-ratio", d.min_lr_ratio, "final learning rate / --lr", type=_fraction, metavar="R")
     opt("--weight-decay", d.weight_decay, type=_non_negative_float, metavar="WD")
     opt("--dtype", d.dtype, "bf16: autocast over fp32 master weights", choices=("fp32", "bf16"))
@@ -94,7 +105,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                  ("seq-alpha", "sequence-wise loss weight", b.seq_alpha),
                                  ("mixtral-coef", "Mixtral aux loss weight (default: the config's, else 0.02)", None),
                                  ("bias-gamma", "aux-loss-free bias step", b.bias_gamma)):
-        shown = "" if default is None else f" (default: {default}; V2: the paper's)" if name == "expert-alpha" \
+        shown = "" if default is None else \
+            " (default: the config's aux_loss_alpha, else 0.001; V2 with groups: 0.003)" if name == "expert-alpha" \
             else f" (default: {default})"
         p.add_argument(f"--{name}", type=_non_negative_float, default=None, metavar="X", help=help_ + shown)
     p.add_argument("--devices", type=_positive_int, default=None, metavar="D",
@@ -103,7 +115,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-devices", type=_positive_int, default=None, metavar="M",
                      help="devices a token may reach (communication loss) (default: V2's topk_group, else 1)")
     opt("--capacity-factor", None, "drop (token, expert) pairs past CF x the average load of an expert or device, "
-        "in training only (none: no dropping; DeepSeek-V2: 1.0 with --drop-level device)", type=_positive_float,
+        "in training only (DeepSeek-V2: 1.0 with --drop-level device)", shown="none, no dropping", type=_positive_float,
         metavar="CF")
     opt("--drop-level", d.drop_level, "what a capacity applies to: each expert, or each of --devices groups",
         choices=LEVELS)

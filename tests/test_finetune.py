@@ -70,13 +70,23 @@ def test_fine_tune_a_transformers_checkpoint(case, corpus, tmp_path):
     ("v2-lite-noqlora", dict(train_only=("*.gate.weight",)), "model.layers.*.mlp.gate.weight"),  # routers only
     ("mixtral", dict(freeze=("*experts*",)), "!model.layers.*.block_sparse_moe.experts.*"),  # all but experts
 ])
-def test_train_only_and_freeze_leave_every_other_tensor_bit_identical(case, flags, pattern, corpus, tmp_path):
+def test_train_only_and_freeze_leave_every_other_tensor_bit_identical(case, flags, pattern, corpus, tmp_path,
+                                                                      capsys):
     pytest.importorskip("transformers")
     from fnmatch import fnmatchcase
 
+    from dsmoe.cli import main
+
     source = _hf_checkpoint(tmp_path / "source", case, corpus)
     out = tmp_path / "run"
-    train(TrainConfig(init=source, data=corpus, out=out, steps=3, **SMALL, **flags))
+    (flag, patterns), = flags.items()
+    capsys.readouterr()
+    assert main(["train", "--init", str(source), "--data", str(corpus), "--out", str(out), "--steps", "3",
+                 "--batch-size", "4", "--seq-len", "32", f"--{flag.replace('_', '-')}", ",".join(patterns)]) == 0
+    stderr = capsys.readouterr().err
+    trainable = sum(p.numel() for n, p in dsmoe.load_pretrained(source).named_parameters()
+                    if any(fnmatchcase(n, q) for q in patterns) != (flag == "freeze"))
+    assert f"{trainable / 1e6:.2f}M trainable" in stderr, stderr
     before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(before) == set(after)
     negate, pattern = pattern.startswith("!"), pattern.lstrip("!")

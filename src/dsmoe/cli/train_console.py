@@ -23,10 +23,15 @@ def format_duration(seconds: float) -> str:
 
 
 def step_summary(record: dict[str, Any], steps: int, eta_s: float | None) -> str:
-    """One line: step, LM loss (and validation loss), MTP and balance terms apart, lr, tokens/s, ETA."""
+    """One line: step, LM loss (and validation loss), lr, tokens/s, ETA, then the MTP and balance terms apart
+    (the most useful first: a narrow terminal cuts the end)."""
     parts = [f"step {record['step']}/{steps}", f"loss {record['lm_loss']:.4f}"]
     if "val_loss" in record:
         parts.append(f"val {record['val_loss']:.4f}")
+    parts.append(f"lr {record['lr']:.2e}")
+    parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if eta_s is not None:
+        parts.append(f"ETA {format_duration(eta_s)}")
     if "mtp_loss" in record:
         parts.append(f"mtp {record['mtp_loss']:.4f}")
     balance = {k.removesuffix("_loss"): v for k, v in record.items() if k.endswith("_loss") and k not in _NOT_BALANCE
@@ -35,10 +40,6 @@ def step_summary(record: dict[str, Any], steps: int, eta_s: float | None) -> str
         parts.append("balance " + " ".join(f"{k} {v:.2e}" for k, v in balance.items()))
     if "dropped" in record:
         parts.append(f"dropped {record['dropped']:.1%}")
-    parts.append(f"lr {record['lr']:.2e}")
-    parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
-    if eta_s is not None:
-        parts.append(f"ETA {format_duration(eta_s)}")
     return "  ".join(parts)
 
 
@@ -63,10 +64,9 @@ class Console:
             from rich.console import Console as RichConsole
             from rich.progress import BarColumn, Progress, TextColumn
 
-            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                      TextColumn("{task.fields[info]}"),
-                                      console=RichConsole(file=self.stream), transient=True)
-            self._task = self._progress.add_task("preparing", total=cfg.steps, info="")
+            self._progress = Progress(BarColumn(bar_width=12), TextColumn("{task.description}", markup=False),
+                                      console=RichConsole(file=self.stream, highlight=False), transient=True)
+            self._task = self._progress.add_task("preparing", total=cfg.steps)
 
     def __enter__(self) -> "Console":
         if self._progress is not None:
@@ -129,7 +129,7 @@ class Console:
             eta = (self.steps - step) * self.cfg.batch_size * self.cfg.seq_len / max(record["tokens_per_s"], 1e-9)
         summary = step_summary(record, self.steps, eta)
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, info=summary.split("  ", 1)[1])
+            self._progress.update(self._task, completed=step, description=summary)
             if "val_loss" in record:
                 self.line(summary)
         elif "val_loss" in record or step == self._first[0] or step == self.steps or \

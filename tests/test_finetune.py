@@ -133,6 +133,12 @@ def test_fine_tune_fp8_v3_keeps_routing_bias_and_trains_the_mtp_module(corpus, t
         assert same != name.startswith("mtp."), name  # the MTP router's bias too: it matches mtp.*
     assert any(m.gate.bias.abs().sum() > 0 for m in tuned.moe_layers())  # carried, not reset
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 1
+    # the run carries what it needs from --init: it resumes after the source is gone
+    import shutil
+
+    shutil.rmtree(source)
+    train(TrainConfig(init=source, data=corpus, out=out, steps=4, train_only="mtp.*", resume=True, **SMALL))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_config_file_with_set_overrides(corpus, tmp_path):

@@ -73,6 +73,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        for name in ("train_only", "freeze"):  # "a,b" or ["a", "b"] -> ("a", "b")
+            value = getattr(self, name)
+            patterns = value.split(",") if isinstance(value, str) else value
+            setattr(self, name, tuple(p.strip() for p in patterns if p.strip()))
         for name in ("steps", "save_every", "batch_size", "seq_len", "eval_every", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -92,6 +96,8 @@ class TrainConfig:
             if self.overrides:
                 raise ValueError(f"--set changes the architecture; --init {self.init} trains the checkpoint's own")
             if not Path(self.init).is_dir():
+                if self.resume and (self.out / "config.json").is_file():  # the run's own copy will do
+                    return ModelConfig.from_hf(self.out)
                 raise ValueError(f"--init {self.init}: no such checkpoint directory")
             return ModelConfig.from_hf(self.init)
         return model_source.resolve_config(self.config or self.preset, self.overrides)
@@ -197,7 +203,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     base_config = cfg.model_config()
     with_mtp = None
     if cfg.init is not None:
-        with_mtp = model_source.checkpoint_has_mtp_dir(cfg.init, base_config)
+        with_mtp = model_source.checkpoint_has_mtp_dir(ckpt_dir if cfg.resume else cfg.init, base_config)
     sizes = model_source.meta_parameters(base_config, with_mtp)
     trainable = model_source.select_trainable([*sizes, *model_source.router_bias_names(base_config, with_mtp)], base_config,
                                               cfg.train_only, cfg.freeze)

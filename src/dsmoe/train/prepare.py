@@ -93,7 +93,7 @@ def prepare_corpus(cfg: Any, model_config: ModelConfig, info: ParallelInfo,
     train_docs, val_docs = data.split_corpus(docs, seed=cfg.seed)
     files: dict[str, bytes] = {}
     if cfg.init is not None:
-        init = Path(cfg.init)
+        init = _init_files(cfg, resume_dir)
         tok = tokenizer.load_tokenizer(init)
         size = tok.get_vocab_size(with_added_tokens=True)
         if size > model_config.vocab_size:
@@ -132,7 +132,7 @@ def _shard_corpus(cfg: Any, model_config: ModelConfig, resume_dir: Path | None, 
     index, train_stream, val_stream = shards.open_shards(directory)
     tok = tokenizer.load_tokenizer(directory)
     if cfg.init is not None:
-        init_tok = Path(cfg.init) / "tokenizer.json"
+        init_tok = _init_files(cfg, resume_dir) / "tokenizer.json"
         if not init_tok.is_file() or shards.sha256_file(init_tok) != index["tokenizer_sha256"]:
             raise TrainingError(f"--data {directory} was tokenized with another tokenizer than --init {cfg.init}'s "
                                 f"(run dsmoe tokenize --tokenizer {cfg.init})")
@@ -146,15 +146,24 @@ def _shard_corpus(cfg: Any, model_config: ModelConfig, resume_dir: Path | None, 
     eos, bos = index["eos_token_id"], index["bos_token_id"]
     files = {"tokenizer.json": (directory / "tokenizer.json").read_bytes()}
     if cfg.init is not None:
-        _, _, gen = checkpoint_token_ids(Path(cfg.init), model_config, tok)
+        init = _init_files(cfg, resume_dir)
+        _, _, gen = checkpoint_token_ids(init, model_config, tok)
         for name in TOKENIZER_FILES[1:]:
-            if (Path(cfg.init) / name).is_file():
-                files[name] = (Path(cfg.init) / name).read_bytes()
+            if (init / name).is_file():
+                files[name] = (init / name).read_bytes()
     else:
         gen = GenerationConfig(bos_token_id=bos, eos_token_id=[eos])
     files[GENERATION_CONFIG] = _json(gen.to_dict()).encode()
     _check_windows(cfg, train_stream, val_stream, depth)
     return Corpus(tok, eos, bos, train_stream, val_stream, files)
+
+
+def _init_files(cfg: Any, resume_dir: Path | None) -> Path:
+    """Where a fine-tuning run reads its tokenizer files and token ids: the checkpoint it resumes from (which
+    holds the --init checkpoint's copies, so a resumed run does not need the original any more), else --init."""
+    if resume_dir is not None and (resume_dir / "tokenizer.json").is_file():
+        return resume_dir
+    return Path(cfg.init)
 
 
 def _check_windows(cfg: Any, train_stream: data.TokenStream, val_stream: data.TokenStream, depth: int) -> None:

@@ -32,6 +32,7 @@ def flag_of(name: str) -> str:
 
 
 def jsonable(value: Any) -> Any:
+    """`value` as it reads back from JSON (paths as strings, tuples as lists), for comparing settings."""
     return json.loads(json.dumps(value, default=str))
 
 
@@ -39,6 +40,7 @@ PATH_SETTINGS = ("data", "init")
 
 
 def absolute_path(value: Any) -> Any:
+    """A path setting made absolute (None stays None), so a run resumes from any working directory."""
     return None if value is None else str(Path(value).expanduser().resolve())
 
 
@@ -52,6 +54,7 @@ def record(cfg: Any) -> dict[str, Any]:
 
 
 def write_record(out: Path, cfg: Any) -> None:
+    """Write out/run.json (atomically) with the recorded settings of `cfg`."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RUN_FILE, json.dumps(record(cfg), indent=2) + "\n")
 

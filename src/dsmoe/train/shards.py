@@ -42,10 +42,12 @@ ENCODE_BATCH = 256
 
 
 def is_shard_dir(path: str | Path | None) -> bool:
+    """Whether `path` is a folder written by `write_shards` (it holds index.json)."""
     return path is not None and (Path(path) / INDEX).is_file()
 
 
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (identifies the tokenizer shards were made with)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -124,3 +124,19 @@ def test_a_file_that_is_not_utf8_is_skipped_with_a_warning_or_refused(corpus, to
     with pytest.raises(Exception):  # stop right after the corpus is read: a window longer than the corpus
         train(TrainConfig(out=tmp_path / "run", data=folder, steps=1, **{**SMALL, "seq_len": 10**6}), events.append)
     assert [e["message"] for e in events if e["event"] == "warning"] == warnings
+
+
+def test_vocabularies_over_65536_ids_use_uint32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, 70_000)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("w69999 w65536 w1 " * 40)
+    index = write_shards(tmp_path / "a.txt", tmp_path / "tok", tmp_path / "shards", shard_tokens=7)
+    assert index["dtype"] == "uint32" and index["eos_token_id"] == 0
+    _, train_s, val_s = open_shards(tmp_path / "shards")
+    stream = torch.cat((train_s._slice(0, len(train_s)), val_s._slice(0, len(val_s))))
+    assert sorted(set(stream.tolist())) == [0, 1, 65536, 69999]  # ids past uint16, intact

@@ -1,5 +1,6 @@
 """Ctrl-C while the `dsmoe` command is still importing its dependencies (torch takes seconds): one line and
-exit status 130, like every other interruption of the command, instead of an import traceback.
+exit status 130, like every other interruption of the command, instead of an import traceback (or of an
+interrupt that an importing library swallowed).
 
 Only the command is affected: a library user's `import dsmoe` interrupted by Ctrl-C raises KeyboardInterrupt
 as usual. No heavy import here: this must work before torch is loaded.
@@ -28,10 +29,23 @@ def running_as_command() -> bool:
 
 @contextmanager
 def command_interrupt_guard() -> Iterator[None]:
+    """Around the command's imports: a Ctrl-C is only noted while they run (libraries importing each other
+    may catch the KeyboardInterrupt and turn it into an ImportError, or swallow it), then the command
+    stops with one line and status 130. Anything else than the command: no effect."""
+    import signal
+    import threading
+
+    if not running_as_command() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
     try:
         yield
-    except KeyboardInterrupt:
-        if not running_as_command():
-            raise
+    except KeyboardInterrupt:  # raised before the handler was in place
+        hit.append(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
         print("dsmoe: interrupted", file=sys.stderr, flush=True)
         os._exit(EXIT_INTERRUPTED)  # nothing was started yet: no cleanup to run

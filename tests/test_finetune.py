@@ -190,3 +190,16 @@ def test_a_model_too_big_for_memory_is_refused_before_allocating(tmp_path, capsy
     assert exit_.value.code == 2 and stderr.count("\n") == 1, stderr
     assert stderr.startswith("dsmoe: error: deepseek-v3:") and "AdamW" in stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_set_rope_keys_keep_what_they_leave_out():
+    from dsmoe.presets import get_preset as preset
+
+    assert model_source.resolve_config("deepseek-v3", {}) == preset("deepseek-v3")  # a preset round-trips
+    theta = model_source.resolve_config("deepseek-v3", {"rope_theta": 5e5})
+    assert theta.rope_theta == 5e5 and theta.rope_scaling == preset("deepseek-v3").rope_scaling
+    yarn = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 256}
+    scaled = model_source.resolve_config("tiny-mixtral", {"rope_scaling": yarn})
+    assert scaled.rope_theta == 1e6 and scaled.rope_scaling["factor"] == 4
+    with pytest.raises(ValueError, match="rope_scaling: yarn needs original_max_position_embeddings"):
+        model_source.resolve_config("tiny-v3", {"rope_scaling": {"type": "yarn", "factor": 4}})

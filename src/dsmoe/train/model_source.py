@@ -59,9 +59,13 @@ def resolve_config(spec: str, overrides: dict[str, Any] | None = None) -> ModelC
                              "config.json or checkpoint directory")
         raw = ModelConfig.from_hf(path).to_hf()
     overrides = overrides or {}
+    if ("rope_theta" in overrides or "rope_scaling" in overrides) and "rope_parameters" not in overrides:
+        # the Hub-style keys the user sets replace the v5 block; what they leave out keeps its value
+        params = dict(raw.pop("rope_parameters", None) or {})
+        raw.setdefault("rope_theta", params.pop("rope_theta", None))
+        plain = params.get("rope_type", "default") == "default" and set(params) <= {"rope_type"}
+        raw.setdefault("rope_scaling", None if plain else params)
     raw.update(overrides)
-    if "rope_theta" in overrides or "rope_scaling" in overrides:
-        raw.pop("rope_parameters", None)  # the Hub-style keys the user set win over the v5 block
     try:
         config = ModelConfig.from_hf(raw)
     except TypeError as err:

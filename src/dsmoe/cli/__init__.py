@@ -16,6 +16,7 @@ from .bench import _add_bench
 from .common import PROG, CLIError, _fail, _Parser, load_config
 from .generate import _add_generate
 from .info import _add_info
+from .serve import _add_serve
 from .train import _add_train
 
 __all__ = ["CLIError", "build_parser", "load_config", "main"]
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_train(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import uvicorn
@@ -37,10 +38,11 @@ def running(app):
         thread.join(timeout=20)
 
 
-def sse(response: httpx.Response) -> list:
-    """The `data:` payloads of an event stream, JSON-decoded except the final "[DONE]"."""
+def sse(response: httpx.Response | Iterator[str]) -> list:
+    """The `data:` payloads of an event stream (a response, or the rest of its lines), JSON-decoded except
+    the final "[DONE]"."""
     out = []
-    for line in response.iter_lines():
+    for line in response.iter_lines() if isinstance(response, httpx.Response) else response:
         if line.startswith("data: "):
             payload = line[len("data: "):]
             out.append(payload if payload == "[DONE]" else json.loads(payload))

@@ -123,6 +123,35 @@ def test_32_concurrent_requests_equal_generate_alone(served):
         assert (results[i].choices[0].text, results[i].usage.completion_tokens) == (text, n), i
 
 
+def test_small_cache_preempts_and_stays_exact(model_dir, served):
+    """A pool of 12 blocks of 16 tokens for 8 sequences of ~50 positions: sequences are preempted and
+    recomputed, and every answer is still generate() alone."""
+    from dsmoe.serve.loop import ThreadedEngine
+
+    model = served[1]  # the module's model (its own engine stays idle meanwhile)
+    assets = load_text_assets(model_dir, model.config)
+    engine = ThreadedEngine.from_model(model, cache_tokens=12 * 16, block_size=16, max_running=8)
+    app = create_app(engine, assets.tokenizer, "tiny", eos_token_ids=assets.eos_token_ids,
+                     sampling_defaults=assets.sampling_defaults)
+    prompts = [TEXT[i * 7: i * 7 + 20] for i in range(8)]
+    results: dict = {}
+    with running(app) as url:
+        client = _client(url)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, client.completions.create(
+            model="tiny", prompt=prompts[i], max_tokens=40, temperature=0, extra_body={"ignore_eos": True}))) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        metrics = httpx.get(url + "/metrics").text
+    engine.shutdown()
+    assert float(metrics.split("\ndsmoe_preemptions_total ")[1].split()[0]) > 0
+    for i in range(8):
+        ids = assets.tokenizer.encode(prompts[i]).ids
+        new = dsmoe.generate(model, [ids], 40)[0][len(ids):]
+        assert results[i].choices[0].text == assets.tokenizer.decode(new), i
+
+
 def test_seeded_sample_ignores_concurrent_requests(served):
     url, model, tok, _ = served
     client = _client(url)

@@ -256,3 +256,21 @@ def test_cli_errors_are_one_line(model_dir, capsys, args, message):
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dsmoe: error:") and message in lines[0], err
+
+
+def test_generate_chat_renders_like_the_server(model_dir, served, capsys):
+    from dsmoe.cli import main
+
+    _, model, tok, _ = served
+    assert main(["generate", "--model", str(model_dir), "--prompt", "for i in", "--system", "You write Python.",
+                 "--chat", "--max-new-tokens", "10"]) == 0
+    rendered = "<|endoftext|>You write Python.\n\nUser: for i in\n\nAssistant:"
+    text, _, _ = _alone(model, tok, tok.encode(rendered, add_special_tokens=False).ids, 10)
+    assert capsys.readouterr().out == text + "\n"
+    (model_dir / "tokenizer_config.json").rename(model_dir / "moved.json")
+    try:
+        with pytest.raises(SystemExit):
+            main(["generate", "--model", str(model_dir), "--prompt", "x", "--chat"])
+        assert "no chat template" in capsys.readouterr().err
+    finally:
+        (model_dir / "moved.json").rename(model_dir / "tokenizer_config.json")

@@ -39,8 +39,15 @@ def _client(url, key="none"):
     return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
 
 
+_HTTP: dict[str, httpx.Client] = {}
+
+
 def _post(url, path, body, **kw):
-    return httpx.post(url + path, json=body, timeout=30, **kw)
+    """POST over one kept-alive connection per server (new connections are slow on a busy machine)."""
+    client = _HTTP.get(url)
+    if client is None:
+        client = _HTTP[url] = httpx.Client(timeout=30)
+    return client.post(url + path, json=body, **kw)
 
 
 def test_stream_equals_non_stream_and_utf8_is_held_back(tok):

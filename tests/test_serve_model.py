@@ -152,6 +152,48 @@ def test_small_cache_preempts_and_stays_exact(model_dir, served):
         assert results[i].choices[0].text == assets.tokenizer.decode(new), i
 
 
+def test_serial_fallback_engine(model_dir, served):
+    """The fallback for models the paged engine cannot run: the same answers, one request at a time."""
+    from dsmoe.serve.serial import SerialEngine
+
+    _, model, tok, _ = served
+    engine = SerialEngine(model, max_waiting=2)
+    app = create_app(engine, tok, "tiny", eos_token_ids=[tok.token_to_id("<|endoftext|>")])
+    prompts = ["def add", "for i in", "class Po"]
+    results: dict = {}
+    with running(app) as url:
+        client = _client(url)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, client.completions.create(
+            model="tiny", prompt=prompts[i], max_tokens=12, temperature=0))) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    # the queue: one running, max_waiting queued, then EngineOverloaded; aborts end both with "abort"
+    from dsmoe.serve.protocol import EngineOverloaded, SamplingParams
+
+    events: dict = {"a": [], "b": []}
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    engine.submit("a", [5, 6], params, events["a"].append)
+    deadline = time.time() + 10
+    while not events["a"] and time.time() < deadline:
+        time.sleep(0.005)
+    engine.submit("b", [5], params, events["b"].append)
+    engine.submit("b2", [5], params, lambda out: None)
+    with pytest.raises(EngineOverloaded):
+        engine.submit("c", [5], params, lambda out: None)
+    engine.abort("b")
+    engine.abort("a")
+    while not (events["a"] and events["a"][-1].finished) and time.time() < deadline:
+        time.sleep(0.005)
+    assert [e.finish_reason for e in events["b"]] == ["abort"]
+    assert events["a"][-1].finish_reason == "abort" and 0 < len(events["a"]) < 200
+    engine.shutdown(drain=False)
+    for i in range(3):
+        text, n, reason = _alone(model, tok, tok.encode(prompts[i]).ids, 12)
+        assert (results[i].choices[0].text, results[i].usage.completion_tokens) == (text, n)
+
+
 def test_seeded_sample_ignores_concurrent_requests(served):
     url, model, tok, _ = served
     client = _client(url)

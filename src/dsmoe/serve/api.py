@@ -183,7 +183,11 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str, *, cha
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
-            first = await queue.get()
+            first = await _first_event(request, queue)
+            if first is None:  # the client left before the first token: nothing to stream
+                for g in gens:
+                    g.abort()
+                return PlainTextResponse("", status_code=499)
             if first.error is not None:
                 for g in gens:
                     g.abort()
@@ -221,6 +225,21 @@ async def _wait_disconnect(request: Request) -> None:
     # The body has been read: the next ASGI message is http.disconnect, whenever the client goes away.
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def _first_event(request: Request, queue: asyncio.Queue) -> TextEvent | None:
+    """The first event of a stream (it decides between a 200 stream and a 500); None if the client left
+    while the request was still queued or prefilling."""
+    get = asyncio.ensure_future(queue.get())
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if get.done():
+            return get.result()
+        get.cancel()
+        return None
+    finally:
+        gone.cancel()
 
 
 async def _collect(request: Request, gens: list[Generation], queue: asyncio.Queue) -> bool:

@@ -21,7 +21,8 @@ for every request), and the script records per request:
 transformers serve is run plainly ("transformers") and with --continuous-batching ("transformers-cb"): the
 latter failed on DeepSeek-V3's MLA in transformers 5.23 (its paged cache sized keys by head_dim, not
 qk_head_dim); a server that fails is reported with its error, not measured. CPU timings on a shared machine
-are noisy: compare the rows of one run.
+are noisy: compare the rows of one run. transformers serve loads models with a device_map, which needs
+`accelerate` installed (pip install accelerate); dsmoe does not.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _drain(engine: Engine, limit: int = 5000) -> int:
     while engine.has_work():
         engine.step()
         steps += 1
-        assert steps < limit
+        assert steps < limit and len(engine.running) <= engine.max_running
     return steps
 
 
@@ -324,3 +324,19 @@ def test_models_the_engine_cannot_run_are_refused_when_it_is_built():
     model.layers[1].attn = nn.Identity()
     with pytest.raises(ValueError, match="layer 1"):
         _engine(model)
+
+
+def test_shutdown_drains_or_aborts_what_is_queued():
+    model = _model("tiny-v1")
+    prompts = _prompts(3, seed=15)
+    for drain in (True, False):
+        loop = ThreadedEngine.from_model(model, cache_tokens=512, block_size=4, max_running=1, max_tokens_per_step=8)
+        out = Collector()
+        for i, p in enumerate(prompts):
+            loop.submit(str(i), p, SamplingParams(max_tokens=40), out(str(i)))
+        loop.shutdown(drain=drain)
+        assert len(out.final) == 3 and loop.stats().blocks_used == 0
+        if drain:
+            assert all(out.tokens[str(i)] == _alone(model, p, 40) for i, p in enumerate(prompts))
+        else:  # max_running=1: the later two never started
+            assert {out.final[str(i)].finish_reason for i in (1, 2)} == {"abort"}

@@ -129,7 +129,9 @@ class ThreadedEngine:
                 self._publish()
                 return
             try:
-                engine.step()
+                if not engine.step() and engine.has_work():  # nothing could run (cannot last): do not spin
+                    with self._cond:
+                        self._cond.wait(0.01)
             except Exception as e:  # a scheduler bug must not kill the thread: fail what is in flight
                 for request_id in list(engine.requests):
                     seq = engine.requests[request_id]

@@ -316,3 +316,25 @@ def test_generate_chat_renders_like_the_server(model_dir, served, capsys):
         assert "no chat template" in capsys.readouterr().err
     finally:
         (model_dir / "moved.json").rename(model_dir / "tokenizer_config.json")
+
+
+def test_a_train_run_directory_serves_as_it_is(tmp_path, served):
+    """`dsmoe train`'s run layout (current -> step-N, top-level symlinks): its tokenizer, EOS <|endoftext|>."""
+    from dsmoe.train.checkpoint import save_checkpoint
+
+    _, model, tok, _ = served
+    out = tmp_path / "run"
+    save_checkpoint(out, model, tok.to_str(), {"step": 3})
+    loaded = dsmoe.load_pretrained(out)
+    assets = load_text_assets(out, loaded.config)
+    assert assets.eos_token_ids == (tok.token_to_id("<|endoftext|>"),) and assets.chat_template is None
+    engine, _ = make_engine(loaded, cache_bytes=1 << 20, max_running=4, max_waiting=4)
+    app = create_app(engine, assets.tokenizer, "run", eos_token_ids=assets.eos_token_ids,
+                     sampling_defaults=assets.sampling_defaults, vocab_size=loaded.config.vocab_size)
+    with running(app) as url:
+        client = _client(url)
+        out_text = client.completions.create(model="run", prompt="def add", max_tokens=10, temperature=0)
+        assert out_text.choices[0].text == _alone(model, tok, tok.encode("def add").ids, 10)[0]
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            client.chat.completions.create(model="run", messages=[{"role": "user", "content": "x"}])
+    engine.shutdown()

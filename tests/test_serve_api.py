@@ -278,3 +278,36 @@ def test_sse_lines_are_well_formed(tok):
         chunks = [json.loads(b[len("data: "):]) for b in blocks[:-2]]
         assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
     engine.shutdown()
+
+
+def test_defaults_come_from_generation_config(tmp_path, tok):
+    from dsmoe.checkpoint.generation_config import GenerationConfig, write_generation_config
+    from dsmoe.presets import get_preset
+    from dsmoe.serve.assets import load_text_assets
+
+    build_tokenizer(tmp_path)
+    config = get_preset("tiny-v3").replace(eos_token_id=9)
+    assert load_text_assets(tmp_path, config).eos_token_ids == (9,)  # config.json's when no generation_config
+    assert load_text_assets(tmp_path, config.replace(eos_token_id=None)).eos_token_ids == (0,)  # <|endoftext|>
+    write_generation_config(tmp_path, GenerationConfig(eos_token_id=[5, 7], do_sample=True, temperature=0.7,
+                                                       top_p=0.9, top_k=20, max_new_tokens=11))
+    assets = load_text_assets(tmp_path, config)
+    assert assets.eos_token_ids == (5, 7) and assets.default_max_tokens == 11
+    engine = ScriptedEngine(lambda prompt, p: [3] * 100, max_context=64)
+    with running(_app(tok, engine, eos_token_ids=assets.eos_token_ids, sampling_defaults=assets.sampling_defaults,
+                      default_max_tokens=assets.default_max_tokens)) as url:
+        client = _client(url)
+        client.completions.create(model=MODEL, prompt="def")
+        p = engine.submitted[-1][2]
+        assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.eos_token_ids) == (11, 0.7, 0.9, 20, (5, 7))
+        client.completions.create(model=MODEL, prompt="def", max_tokens=3, temperature=0, top_p=1, seed=4)
+        p = engine.submitted[-1][2]
+        assert (p.max_tokens, p.temperature, p.top_p, p.seed) == (3, 0.0, None, 4)
+    with running(_app(tok, engine)) as url:  # no generation_config: OpenAI's defaults
+        client = _client(url)
+        client.completions.create(model=MODEL, prompt="def")
+        assert engine.submitted[-1][2].max_tokens == 16
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        prompt_len = len(engine.submitted[-1][1])
+        assert engine.submitted[-1][2].max_tokens == 64 - prompt_len  # chat: what fits
+    engine.shutdown()

@@ -116,9 +116,9 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed(tok):
     engine.shutdown()
 
 
-REFUSED = [("n", 2), ("logprobs", 1), ("echo", True), ("logit_bias", {"5": 1}), ("best_of", 3),
+REFUSED = [("n", 17), ("logprobs", 1), ("echo", True), ("logit_bias", {"5": 1}), ("best_of", 3),
            ("presence_penalty", 0.5), ("frequency_penalty", -1), ("suffix", "x"), ("wat", 1)]
-CHAT_REFUSED = [("n", 3), ("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
+CHAT_REFUSED = [("n", 0), ("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
                 ("response_format", {"type": "json_object"})]
 BAD = [  # (path, body change, status, param)
     ("/v1/completions", {"model": "other"}, 400, "model"),
@@ -181,6 +181,18 @@ def test_bad_input_and_refused_options_are_400_naming_the_field(tok):
             assert all(c["text"] == tok.decode(ids[:3]) for c in many["choices"])
             assert many["usage"]["completion_tokens"] == 6
         assert engine.submitted[-2][1] == [5, 6] and engine.submitted[-1][1] == [7]
+        # n choices per prompt, in OpenAI's order (prompt-major); usage counts each prompt once
+        many = _post(url, "/v1/completions", {"model": MODEL, "prompt": [[5, 6], [7]], "max_tokens": 2, "n": 2}).json()
+        assert [c["index"] for c in many["choices"]] == [0, 1, 2, 3]
+        assert [s[1] for s in engine.submitted[-4:]] == [[5, 6], [5, 6], [7], [7]]
+        assert many["usage"]["prompt_tokens"] == 3 and many["usage"]["completion_tokens"] == 8
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**base["/v1/chat/completions"], "n": 2,
+                                                                      "stream": True}, timeout=30) as r:
+            chunks = sse(r)[:-1]
+        for index in (0, 1):
+            mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+            assert mine[0]["delta"] == {"role": "assistant", "content": ""} and mine[-1]["finish_reason"] == "length"
+            assert "".join(c["delta"].get("content", "") for c in mine) == tok.decode(ids[:4])
         mixed = _post(url, "/v1/completions", {"model": MODEL, "prompt": ["a", [5, 6]], "max_tokens": 3})
         assert mixed.status_code == 400 and mixed.json()["error"]["param"] == "prompt"
         # a model without a chat template refuses chat with a 400

@@ -208,6 +208,12 @@ def test_seeded_sample_ignores_concurrent_requests(served):
     for t in threads:
         t.join()
     assert together == alone and len(others) == 4
+    # n choices: choice j is the request seeded seed + j
+    three = client.completions.create(**body, n=3)
+    assert three.choices[0].text == alone and [c.index for c in three.choices] == [0, 1, 2]
+    for j in (1, 2):
+        assert three.choices[j].text == client.completions.create(**{**body, "seed": 1234 + j}).choices[0].text
+    assert len({c.text for c in three.choices}) > 1
 
 
 def test_prefix_hits_and_disconnect_free_blocks(served):

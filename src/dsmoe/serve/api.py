@@ -9,6 +9,7 @@ completions and chat completions; streams are `data: {json}` lines ending with `
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -108,11 +109,17 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str, *, cha
 
     def start(prompts: list[list[int]], req: ParsedRequest, prompt_field: str,
               default_max: int | None) -> tuple[list[Generation], asyncio.Queue]:
+        """One engine request per choice: prompt i's choice j has index i * n + j (OpenAI's order) and, when
+        the request is seeded, seed + j, so the n samples differ and each is reproducible alone."""
         arrived = time.perf_counter()
         params = [params_for(req, len(ids), prompt_field, default_max) for ids in prompts]
         queue: asyncio.Queue = asyncio.Queue()
-        gens = [Generation(engine, i, ids, p, tokenizer, req.stop, queue, metrics, arrived)
-                for i, (ids, p) in enumerate(zip(prompts, params))]
+        gens = []
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            for j in range(req.n):
+                choice = p if j == 0 or p.seed is None else dataclasses.replace(p, seed=p.seed + j)
+                gens.append(Generation(engine, i * req.n + j, ids, choice, tokenizer, req.stop, queue, metrics,
+                                       arrived, counts_prompt=j == 0))
         for i, g in enumerate(gens):
             try:
                 g.submit()
@@ -212,7 +219,7 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str, *, cha
 
 
 def _usage(gens: list[Generation]) -> dict:
-    prompt = sum(len(g.prompt_ids) for g in gens)
+    prompt = sum(len(g.prompt_ids) for g in gens if g.counts_prompt)  # once per prompt, not per choice
     completion = sum(g.completion_tokens for g in gens)
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     cached = sum(g.cached_prompt_tokens for g in gens)

@@ -38,7 +38,7 @@ class Generation:
 
     def __init__(self, engine: EngineLoop, index: int, prompt_ids: Sequence[int], params: SamplingParams,
                  tokenizer: Tokenizer, stop: Sequence[str], queue: asyncio.Queue, metrics: ServerMetrics,
-                 arrived: float) -> None:
+                 arrived: float, counts_prompt: bool = True) -> None:
         self.engine = engine
         self.index = index
         self.prompt_ids = list(prompt_ids)
@@ -48,6 +48,7 @@ class Generation:
         self.queue = queue
         self.metrics = metrics
         self.arrived = arrived
+        self.counts_prompt = counts_prompt  # usage counts a prompt once, whatever its number of choices
         self.last_token_at: float | None = None
         self.completion_tokens = 0
         self.cached_prompt_tokens = 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # n: choices per prompt
 _MAX_SEED = 2**63 - 1
 
 
@@ -43,7 +44,7 @@ def bad(param: str, message: str, code: str | None = None) -> APIError:
 @dataclass
 class ParsedRequest:
     """A validated request, before tokenisation. prompts: texts or token-id lists (completions), or None for
-    chat (messages instead). max_tokens None: the server's default applies."""
+    chat (messages instead). max_tokens None: the server's default applies. n: choices per prompt."""
 
     model: str
     stream: bool
@@ -55,6 +56,7 @@ class ParsedRequest:
     seed: int | None
     stop: list[str]
     ignore_eos: bool
+    n: int = 1
     prompts: list[str | list[int]] | None = None
     messages: list[dict] | None = None
     tools: list[dict] | None = None
@@ -120,7 +122,6 @@ def _stop(body: dict) -> list[str]:
 
 # Options accepted only at their default ("not set" values): anything else is refused by name.
 _DEFAULT_ONLY = {
-    "n": (1,),
     "best_of": (1,),
     "echo": (False,),
     "logprobs": (False,),  # chat: a bool; completions: an int (None also accepted: see _refuse_unsupported)
@@ -140,7 +141,6 @@ _DEFAULT_ONLY = {
     "skip_special_tokens": (True,),
 }
 _WHY = {
-    "n": "only n = 1 is supported (send several requests)",
     "best_of": "only best_of = 1 is supported",
     "echo": "echo is not supported",
     "logprobs": "logprobs are not supported",
@@ -180,7 +180,7 @@ def _refuse_unsupported(body: dict, allowed: set[str]) -> None:
         raise bad(name, f"unrecognized request argument '{name}'", code="unrecognized_parameter")
 
 
-_COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+_COMMON = {"model", "n", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
            "ignore_eos"}
 
 
@@ -210,7 +210,7 @@ def _common(body: Any, extra: set[str]) -> ParsedRequest:
         top_p=_number(body, "top_p", 0.0, 1.0, lo_open=True),
         top_k=None if top_k in (-1, 0) else top_k,
         seed=_int(body, "seed", lo=-_MAX_SEED - 1, hi=_MAX_SEED),
-        stop=_stop(body), ignore_eos=_bool(body, "ignore_eos"))
+        stop=_stop(body), ignore_eos=_bool(body, "ignore_eos"), n=_int(body, "n", lo=1, hi=MAX_CHOICES) or 1)
 
 
 def parse_completion(body: Any) -> ParsedRequest:

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -58,7 +59,8 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str, *, cha
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return await _api_error(request, APIError(err.status_code, str(err.detail), code="not_found"))
+        return await _api_error(request, APIError(err.status_code, str(err.detail),
+                                                  code="not_found" if err.status_code == 404 else None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception) -> JSONResponse:
@@ -68,7 +70,7 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str, *, cha
     def guard(request: Request) -> None:
         if api_key is not None:
             header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_key}":
+            if not secrets.compare_digest(header.encode(), f"Bearer {api_key}".encode()):  # constant time
                 raise APIError(401, "a missing or wrong API key: send 'Authorization: Bearer <key>'",
                                code="invalid_api_key", type="authentication_error")
         if app.state.draining:

@@ -11,6 +11,7 @@ import time
 import httpx
 import openai
 import pytest
+from chat_templates import MIXTRAL_INSTRUCT
 from fake_engine import ScriptedEngine
 from serve_harness import running, sse
 from tiny_assets import build_tokenizer
@@ -199,6 +200,18 @@ def test_bad_input_and_refused_options_are_400_naming_the_field(tok):
     with running(_app(tok, engine, chat_template=None)) as url:
         r = _post(url, "/v1/chat/completions", base["/v1/chat/completions"])
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+    # a template that refuses the conversation (its raise_exception): a 400 with its words
+    app = _app(tok, engine, chat_template=ChatTemplate(MIXTRAL_INSTRUCT, {"bos_token": "<s>", "eos_token": "</s>"}))
+    with running(app) as url:
+        r = _post(url, "/v1/chat/completions", {**base["/v1/chat/completions"], "messages": [
+            {"role": "system", "content": "x"}, {"role": "user", "content": "y"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert "Conversation roles must alternate" in r.json()["error"]["message"]
+        assert _post(url, "/v1/chat/completions", base["/v1/chat/completions"]).status_code == 200
+        # shutting down (SIGTERM in dsmoe serve): new requests are refused with a 503, /health says so
+        app.state.draining = True
+        assert _post(url, "/v1/completions", base["/v1/completions"]).status_code == 503
+        assert httpx.get(url + "/health").status_code == 503
     engine.shutdown()
 
 

@@ -53,6 +53,8 @@ class PagedBatch:
     block * block_size + offset. Decoding sequences (one new token each): decode_rows (Bd,) their packed
     rows, decode_tables (Bd, K) block tables padded with any valid block id, decode_lens (Bd,) context
     lengths including the new token. chunks: every sequence with more than one new token.
+    `with_decode_mask()` fills decode_keys (the longest context) and decode_mask (None when every decoding
+    sequence has that many keys: no padding to hide, e.g. a single stream).
     """
 
     positions: torch.Tensor
@@ -61,6 +63,21 @@ class PagedBatch:
     decode_tables: torch.Tensor | None = None
     decode_lens: torch.Tensor | None = None
     chunks: tuple[Chunk, ...] = ()
+    decode_keys: int = 0
+    decode_mask: torch.Tensor | None = None
+
+    def with_decode_mask(self) -> "PagedBatch":
+        """Compute decode_keys / decode_mask once per step (every layer uses them)."""
+        if self.decode_lens is not None:
+            lo, hi = (int(v) for v in torch.aminmax(self.decode_lens))
+            self.decode_keys = hi
+            self.decode_mask = None if lo == hi else _key_mask(self.decode_lens, hi)
+        return self
+
+    @property
+    def only_decodes(self) -> bool:
+        """Every packed token is a decode, in order (rows 0..M-1): outputs need no scatter."""
+        return not self.chunks and self.decode_rows is not None
 
 
 def _write(pool: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
@@ -70,7 +87,9 @@ def _write(pool: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> Non
 
 def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """pool (NB, P, ...), tables (B, K) -> every listed block's slots in order (B, K*P, ...)."""
-    return pool[tables].flatten(1, 2)
+    B, K = tables.shape
+    # index_select over the block dimension: a plain row copy, cheaper than advanced indexing
+    return pool.index_select(0, tables.reshape(-1)).view(B, K * pool.shape[1], *pool.shape[2:])
 
 
 def _key_mask(lens: torch.Tensor, S: int) -> torch.Tensor:
@@ -83,10 +102,14 @@ def _attend_kv(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta
     """Ordinary attention of q (M, H, D) over paged k (NB, P, G, D) and v (NB, P, G, V) -> (M, H, V)."""
     out = q.new_empty(q.shape[0], q.shape[1], v_pool.shape[-1])
     if meta.decode_rows is not None:
-        k, v = _gather(k_pool, meta.decode_tables), _gather(v_pool, meta.decode_tables)  # (Bd, S, G, D)
-        mask = _key_mask(meta.decode_lens, k.shape[1])
-        o = attention(q[meta.decode_rows][:, :, None], k.transpose(1, 2), v.transpose(1, 2), scale, mask)
-        out[meta.decode_rows] = o[:, :, 0]  # (Bd, H, V)
+        S = meta.decode_keys
+        k = _gather(k_pool, meta.decode_tables)[:, :S]  # (Bd, S, G, D)
+        v = _gather(v_pool, meta.decode_tables)[:, :S]
+        q_dec = q[:, :, None] if meta.only_decodes else q[meta.decode_rows][:, :, None]  # (Bd, H, 1, D)
+        o = attention(q_dec, k.transpose(1, 2), v.transpose(1, 2), scale, meta.decode_mask)[:, :, 0]
+        if meta.only_decodes:
+            return o  # (Bd, H, V)
+        out[meta.decode_rows] = o
     for c in meta.chunks:
         k = _gather(k_pool, c.table[None])[:, :c.context]  # (1, S, G, D)
         v = _gather(v_pool, c.table[None])[:, :c.context]
@@ -129,11 +152,13 @@ def _mla(attn: MLAttention, x: torch.Tensor, rope: Rope, layer: PagedLayer, meta
     _write(pool, meta.slots, torch.cat((c_kv, k_pe), dim=-1)[0])
     out = q_nope.new_empty(1, M, q_nope.shape[2] * attn.v_dim)
     if meta.decode_rows is not None:
-        rows = meta.decode_rows
-        latent = _gather(pool, meta.decode_tables)  # (Bd, S, C + R)
+        latent = _gather(pool, meta.decode_tables)[:, :meta.decode_keys]  # (Bd, S, C + R)
         impl = attn._absorbed if _use_absorbed(attn, 1, latent.shape[1]) else attn._naive
-        o = impl(q_nope[0, rows][:, None], q_pe[0, rows][:, None], latent, _key_mask(meta.decode_lens,
-                                                                                     latent.shape[1]))
+        if meta.only_decodes:  # (1, Bd, ...) -> (Bd, 1, ...): a view, no gather
+            o = impl(q_nope.transpose(0, 1), q_pe.transpose(0, 1), latent, meta.decode_mask)  # (Bd, 1, H*V)
+            return attn.wo(o.transpose(0, 1))
+        rows = meta.decode_rows
+        o = impl(q_nope[0, rows][:, None], q_pe[0, rows][:, None], latent, meta.decode_mask)
         out[0, rows] = o[:, 0]  # (Bd, H*V)
     for c in meta.chunks:
         latent = _gather(pool, c.table[None])[:, :c.context]  # (1, S, C + R)
@@ -175,7 +200,20 @@ def paged_hidden_states(model: Transformer, ids: torch.Tensor, meta: PagedBatch,
     The same pre-norm blocks as Block.forward: attention, then dense MLP or MoE over the packed tokens."""
     x = model.embed(ids)[None]  # (1, M, D)
     rope = model.rope(meta.positions, x.dtype)  # cos, sin (M, R/2)
-    for block, layer in zip(model.layers, layers, strict=True):
+    for block, layer in zip(model.layers, layers[:len(model.layers)], strict=True):
         x = x + paged_attention(block.attn, block.attn_norm(x), rope, layer, meta)
         x = x + block.ffn(block.ffn_norm(x))
     return model.norm(x)[0]
+
+
+def paged_mtp_hidden(model: Transformer, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor,
+                     meta: PagedBatch, layer: PagedLayer) -> torch.Tensor:
+    """MTP module `depth` (DeepSeek-V3 section 2.2) over a packed step: h_prev (M, D) the main model's
+    final-normed hidden states at meta.positions, next_ids (M,) the token after each -> h (M, D), un-normed
+    (logits: model.head(model.mtp[depth].norm(h))). MTPModule.forward with its block's keys paged in `layer`."""
+    mtp = model.mtp[depth]
+    x = mtp.eh_proj(torch.cat((mtp.enorm(model.embed(next_ids)), mtp.hnorm(h_prev)), dim=-1))[None]  # (1, M, D)
+    rope = model.rope(meta.positions, x.dtype)
+    block = mtp.block
+    x = x + paged_attention(block.attn, block.attn_norm(x), rope, layer, meta)
+    return (x + block.ffn(block.ffn_norm(x)))[0]

@@ -65,10 +65,11 @@ def values_per_token(config: ModelConfig, layout: str) -> int:
     return 2 * config.kv_heads * config.gqa_head_dim
 
 
-def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, layout: str) -> int:
-    """Bytes one block takes over all decoder layers."""
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, layout: str,
+                    extra_layers: int = 0) -> int:
+    """Bytes one block takes over all decoder layers (and `extra_layers` more: MTP modules)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return block_size * values_per_token(config, layout) * config.num_hidden_layers * itemsize
+    return block_size * values_per_token(config, layout) * (config.num_hidden_layers + extra_layers) * itemsize
 
 
 def block_hash(parent: bytes, tokens: list[int]) -> bytes:
@@ -154,19 +155,21 @@ class BlockAllocator:
 
 
 class CachePool:
-    """The pool's tensors, one entry per decoder layer (see dsmoe.model.paged for the layouts), plus its
-    BlockAllocator. Sized by num_blocks; `from_memory` / `from_tokens` size it by bytes or positions."""
+    """The pool's tensors, one entry per decoder layer (see dsmoe.model.paged for the layouts), then one per
+    extra layer (the MTP module's attention, for speculative decoding), plus its BlockAllocator. Sized by
+    num_blocks; `from_memory` / `from_tokens` size it by bytes or positions."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 layout: str | None = None) -> None:
+                 layout: str | None = None, extra_layers: int = 0) -> None:
         layout = layout or default_layout(config)
         values_per_token(config, layout)  # validates the layout for this model
         self.config, self.layout, self.block_size, self.dtype = config, layout, block_size, dtype
+        self.extra_layers = extra_layers
         self.allocator = BlockAllocator(num_blocks, block_size)
         shape = (num_blocks, block_size)
         self.layers: list[tuple[torch.Tensor, ...]] = []
-        for _ in range(config.num_hidden_layers):
+        for _ in range(config.num_hidden_layers + extra_layers):
             if layout == "latent":
                 width = config.kv_lora_rank + config.qk_rope_head_dim
                 self.layers.append((torch.zeros(*shape, width, dtype=dtype, device=device),))
@@ -182,25 +185,25 @@ class CachePool:
     @classmethod
     def from_memory(cls, config: ModelConfig, memory: str | int, block_size: int = 16,
                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    layout: str | None = None) -> "CachePool":
+                    layout: str | None = None, extra_layers: int = 0) -> "CachePool":
         """As many blocks as fit in `memory` (bytes, or text like "2GiB"). Raises ValueError when not even
         one block fits, naming the block's size."""
         layout = layout or default_layout(config)
-        per_block = bytes_per_block(config, block_size, dtype, layout)
+        per_block = bytes_per_block(config, block_size, dtype, layout, extra_layers)
         num_blocks = parse_size(memory) // per_block
         if num_blocks < 1:
             raise ValueError(f"cache memory {memory!r} holds no block: one block of {block_size} positions "
                              f"takes {per_block} bytes in the {layout} layout")
-        return cls(config, num_blocks, block_size, dtype, device, layout)
+        return cls(config, num_blocks, block_size, dtype, device, layout, extra_layers)
 
     @classmethod
     def from_tokens(cls, config: ModelConfig, tokens: int, block_size: int = 16,
                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                    layout: str | None = None) -> "CachePool":
+                    layout: str | None = None, extra_layers: int = 0) -> "CachePool":
         """Room for `tokens` positions in all (rounded up to whole blocks)."""
         if tokens < 1:
             raise ValueError(f"cache tokens must be >= 1, got {tokens}")
-        return cls(config, -(-tokens // block_size), block_size, dtype, device, layout)
+        return cls(config, -(-tokens // block_size), block_size, dtype, device, layout, extra_layers)
 
     @property
     def num_blocks(self) -> int:

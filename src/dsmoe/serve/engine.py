@@ -15,6 +15,7 @@ them. Requests join and leave the batch at every step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Callable
@@ -46,6 +47,7 @@ class Sequence:
     computed: int = 0
     cached_prompt_tokens: int | None = None  # prefix hits at first admission
     finished: bool = False
+    draft: int | None = None  # speculative: the MTP module's guess for the token after tokens[-1]
 
     @property
     def generated(self) -> int:
@@ -53,8 +55,9 @@ class Sequence:
 
 
 def validate_request(request_id: str, prompt_ids: list[int], params: SamplingParams, vocab_size: int,
-                     max_context: int, pool_tokens: int) -> None:
-    """Raise RequestRejected naming the field when the request can never be served."""
+                     max_context: int, pool_tokens: int, speculative: bool = False) -> None:
+    """Raise RequestRejected naming the field when the request can never be served. speculative: whether
+    the engine drafts with an MTP module (otherwise speculative requests are refused)."""
     if not isinstance(request_id, str) or not request_id:
         raise RequestRejected("request_id", f"request_id must be a non-empty string, got {request_id!r}")
     if not isinstance(prompt_ids, list | tuple) or not prompt_ids:
@@ -73,8 +76,11 @@ def validate_request(request_id: str, prompt_ids: list[int], params: SamplingPar
         raise RequestRejected("top_k", f"top_k must be an integer >= 0 (0 = off), got {p.top_k!r}")
     if p.seed is not None and (not isinstance(p.seed, int) or isinstance(p.seed, bool)):
         raise RequestRejected("seed", f"seed must be an integer, got {p.seed!r}")
-    if p.speculative:
-        raise RequestRejected("speculative", "speculative decoding is not supported by the serving engine yet")
+    if p.speculative and not speculative:
+        raise RequestRejected("speculative", "speculative decoding needs an engine built with speculative=True "
+                                             "over a model with an MTP module")
+    if p.speculative and p.temperature != 0:
+        raise RequestRejected("speculative", "speculative decoding is greedy only: use temperature 0")
     n = len(prompt_ids)
     if n > max_context:
         raise RequestRejected("prompt", f"the prompt has {n} tokens, more than the model's context of "
@@ -82,11 +88,11 @@ def validate_request(request_id: str, prompt_ids: list[int], params: SamplingPar
     if n + p.max_tokens > max_context:
         raise RequestRejected("max_tokens", f"prompt ({n} tokens) + max_tokens ({p.max_tokens}) = "
                                             f"{n + p.max_tokens} exceeds the model's context of {max_context}")
-    # the last sampled token is never written to the cache
-    if n + p.max_tokens - 1 > pool_tokens:
+    # the last sampled token is never written to the cache (speculative: its draft is, when verified)
+    positions = n + p.max_tokens - (0 if p.speculative else 1)
+    if positions > pool_tokens:
         raise RequestRejected("max_tokens", f"prompt ({n} tokens) + max_tokens ({p.max_tokens}) needs "
-                                            f"{n + p.max_tokens - 1} cache positions; the cache pool holds "
-                                            f"{pool_tokens}")
+                                            f"{positions} cache positions; the cache pool holds {pool_tokens}")
 
 
 class Engine:
@@ -94,7 +100,7 @@ class Engine:
     abort and step (ThreadedEngine does that). Events go to each request's callback during step/abort."""
 
     def __init__(self, model: Transformer, pool: CachePool, max_running: int = 64, max_waiting: int = 256,
-                 max_tokens_per_step: int = 512, prefix_caching: bool = True) -> None:
+                 max_tokens_per_step: int = 512, prefix_caching: bool = True, speculative: bool = False) -> None:
         for name, value in (("max_running", max_running), ("max_waiting", max_waiting),
                             ("max_tokens_per_step", max_tokens_per_step)):
             if not isinstance(value, int) or value < 1:
@@ -102,6 +108,11 @@ class Engine:
         if max_tokens_per_step < max_running:
             raise ValueError(f"max_tokens_per_step ({max_tokens_per_step}) must be >= max_running "
                              f"({max_running}): every running sequence decodes one token per step")
+        if speculative and (not model.mtp or pool.extra_layers < 1):
+            raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers > 0 and "
+                             "its weights) and a cache pool with extra_layers=1 for it")
+        self.speculative = speculative
+        self.drafted = self.accepted = 0  # speculative: drafts verified, and of which the main model agreed
         self.runner = ModelRunner(model, pool)
         self.model, self.pool, self.allocator = model, pool, pool.allocator
         self.block_size = pool.block_size
@@ -117,7 +128,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------ requests
     def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         validate_request(request_id, prompt_ids, params, self.model.config.vocab_size, self.max_context,
-                         self.pool.capacity_tokens)
+                         self.pool.capacity_tokens, self.speculative)
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
             on_event: EventCallback) -> None:
@@ -143,10 +154,9 @@ class Engine:
         return bool(self.running or self.waiting)
 
     def stats(self) -> EngineStats:
-        s = self.counters
-        return EngineStats(len(self.running), len(self.waiting), self.allocator.num_used, self.allocator.num_free,
-                           self.block_size, s.prefix_cache_hit_tokens, s.prefix_cache_queried_tokens,
-                           s.generated_tokens, s.prompt_tokens, s.preemptions)
+        """Gauges now, counters since the engine started."""
+        return dataclasses.replace(self.counters, running=len(self.running), waiting=len(self.waiting),
+                                   blocks_used=self.allocator.num_used, blocks_free=self.allocator.num_free)
 
     # ------------------------------------------------------------------------------------------- blocks
     def _reserve(self, seq: Sequence, positions: int) -> bool:
@@ -191,12 +201,14 @@ class Engine:
         readmission, mostly from the prefix cache when its blocks have not been reused meanwhile."""
         self.running.remove(seq)
         self._release(seq)
+        seq.draft = None
         self.waiting.appendleft(seq)
         self.counters.preemptions += 1
 
     # ---------------------------------------------------------------------------------------- scheduling
     def schedule(self) -> list[tuple[Sequence, int]]:
-        """This step's (sequence, new token count) pairs; allocates their blocks (see the module doc)."""
+        """This step's (sequence, new token count) pairs; allocates their blocks (see the module doc). A
+        speculative decode counts 2: its last token and the MTP draft after it, verified in one forward."""
         budget = self.max_tokens_per_step
         batch: list[tuple[Sequence, int]] = []
         scheduled: set[int] = set()
@@ -206,6 +218,8 @@ class Engine:
             if seq not in self.running or budget == 0:
                 continue
             n = min(len(seq.tokens) - seq.computed, budget)
+            if seq.draft is not None and n == 1 and budget >= 2:
+                n = 2  # verify the draft too (the token after it is dropped if max_tokens is reached first)
             while not self._reserve(seq, seq.computed + n):
                 victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
                 self._preempt(victim)
@@ -241,48 +255,93 @@ class Engine:
         batch = self.schedule()
         if not batch:
             return False
-        work = [Work(s.tokens[s.computed:s.computed + n], s.computed, s.blocks, s.computed + n == len(s.tokens))
-                for s, n in batch]
+        work = []
+        for s, n in batch:
+            verify = n > len(s.tokens) - s.computed
+            tokens = s.tokens[s.computed:s.computed + n] + ([s.draft] if verify else [])
+            work.append(Work(tokens, s.computed, s.blocks, 2 if verify else int(s.computed + n == len(s.tokens))))
+        drafting = self.speculative and any(s.params.speculative for s, _ in batch)
         try:
-            logits = self.runner.run(work)
+            logits = self.runner.run(work, keep_hidden=drafting)
+            logits, hidden = logits if drafting else (logits, None)
         except Exception as e:  # not attributable to one request: fail this step's requests, keep serving
             for seq, _ in batch:
                 self._finish(seq, "error", error=f"engine step failed: {type(e).__name__}: {e}")
             return True
         greedy = logits.argmax(dim=-1).tolist()  # one host sync for every greedy request of the step
-        row = 0
+        row, offset, mtp = 0, 0, []
         for (seq, n), w in zip(batch, work):
-            seq.computed += n
+            start = seq.computed
+            if w.logits == 2:  # speculative: keep the draft's position only if the model agrees with it
+                self.drafted += 1
+                if greedy[row] == seq.draft:
+                    self.accepted += 1
+                    seq.computed += 2
+                    new = [seq.draft, greedy[row + 1]]
+                else:
+                    seq.computed += 1
+                    new = [greedy[row]]
+            else:
+                seq.computed += n
+                new = [self._sample(seq, logits[row:row + 1], greedy[row])] if w.logits else []
+            row += w.logits
             if self.prefix_caching:
                 self._register_full_blocks(seq)
-            if w.logits:
-                self._advance(seq, logits[row:row + 1], greedy[row])
-                row += 1
+            if new and None not in new:
+                self._append(seq, new)
+            if drafting and seq.params.speculative and not seq.finished:
+                kept = seq.computed - start  # MTP slot j reads h_j and token j+1 (DeepSeek-V3 section 2.2)
+                mtp.append((seq, Work(seq.tokens[start + 1:start + kept + 1], start, seq.blocks, int(bool(new))),
+                            range(offset, offset + kept)))
+            offset += len(w.tokens)
+        if mtp:
+            self._draft(mtp, hidden)
         return True
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> None:
-        """Sample seq's next token from logits (1, V) (greedy: its argmax), append it, send the event; a
-        failure in sampling or in the callback fails this request only."""
+    def _draft(self, mtp: list[tuple[Sequence, Work, range]], hidden: torch.Tensor) -> None:
+        """Run the MTP module over this step's kept positions of the speculative sequences; those that
+        sampled a token get the module's greedy guess for the next one as their draft."""
+        rows = torch.tensor([r for _, _, span in mtp for r in span], device=hidden.device)
+        try:
+            guesses = self.runner.run_mtp([w for _, w, _ in mtp], hidden[rows]).argmax(dim=-1).tolist()
+        except Exception as e:
+            for seq, _, _ in mtp:
+                self._finish(seq, "error", error=f"speculative draft failed: {type(e).__name__}: {e}")
+            return
+        wanting = [seq for seq, w, _ in mtp if w.logits]
+        for seq, guess in zip(wanting, guesses):
+            seq.draft = guess
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> int | None:
+        """seq's next token from logits (1, V) (greedy: its argmax); None after failing the request (a
+        failure in its sampling fails this request only)."""
         p = seq.params
         try:
             if p.temperature == 0:
-                token = greedy
-            else:
-                token = int(sample(logits, p.temperature, p.top_k or None, p.top_p, seq.generator)[0])
+                return greedy
+            return int(sample(logits, p.temperature, p.top_k or None, p.top_p, seq.generator)[0])
         except Exception as e:
             self._finish(seq, "error", error=f"sampling failed: {type(e).__name__}: {e}")
-            return
-        seq.tokens.append(token)
-        self.counters.generated_tokens += 1
-        reason = None
-        if token in p.eos_token_ids and not p.ignore_eos:
-            reason = "stop"
-        elif seq.generated >= p.max_tokens:
-            reason = "length"
+            return None
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> None:
+        """Append decided tokens up to the first EOS or max_tokens and send them in one event."""
+        p = seq.params
+        reason, sent = None, []
+        for token in tokens:
+            seq.tokens.append(token)
+            sent.append(token)
+            self.counters.generated_tokens += 1
+            if token in p.eos_token_ids and not p.ignore_eos:
+                reason = "stop"
+            elif seq.generated >= p.max_tokens:
+                reason = "length"
+            if reason is not None:
+                break
         if reason is not None:
-            self._finish(seq, reason, [token])
+            self._finish(seq, reason, sent)
         else:
-            self._emit(seq, RequestOutput(seq.request_id, [token], prompt_tokens=seq.prompt_len,
+            self._emit(seq, RequestOutput(seq.request_id, sent, prompt_tokens=seq.prompt_len,
                                           cached_prompt_tokens=seq.cached_prompt_tokens or 0))
 
     def _finish(self, seq: Sequence, reason: str, tokens: list[int] | None = None,

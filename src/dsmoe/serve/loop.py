@@ -39,21 +39,24 @@ class ThreadedEngine:
     def from_model(cls, model: Transformer, cache_memory: str | int | None = None, cache_tokens: int | None = None,
                    block_size: int = 16, max_running: int = 64, max_waiting: int = 256,
                    max_tokens_per_step: int = 512, prefix_caching: bool = True,
-                   layout: str | None = None) -> "ThreadedEngine":
+                   layout: str | None = None, speculative: bool = False) -> "ThreadedEngine":
         """An engine over `model` (eval mode, on its device and dtype) with a cache pool of cache_memory
         (bytes or text such as "2GiB") or cache_tokens positions (default: "1GiB").
         layout: None (the model's own: latent for MLA, kv for GQA) or "decompressed" (MLA with an
-        MHA-sized cache, for comparisons). Raises ValueError for bad sizes or a model it cannot serve."""
+        MHA-sized cache, for comparisons). speculative: accept SamplingParams(speculative=True) requests, drafted
+        by the model's first MTP module (its keys take one more layer in the pool). Raises ValueError for bad
+        sizes or a model it cannot serve."""
         if cache_memory is not None and cache_tokens is not None:
             raise ValueError("give cache_memory or cache_tokens, not both")
         model.eval()
         param = model.embed.weight
-        kw = dict(block_size=block_size, dtype=param.dtype, device=param.device, layout=layout)
+        kw = dict(block_size=block_size, dtype=param.dtype, device=param.device, layout=layout,
+                  extra_layers=1 if speculative else 0)
         if cache_tokens is not None:
             pool = CachePool.from_tokens(model.config, cache_tokens, **kw)
         else:
             pool = CachePool.from_memory(model.config, cache_memory if cache_memory is not None else "1GiB", **kw)
-        return cls(Engine(model, pool, max_running, max_waiting, max_tokens_per_step, prefix_caching))
+        return cls(Engine(model, pool, max_running, max_waiting, max_tokens_per_step, prefix_caching, speculative))
 
     @classmethod
     def from_directory(cls, directory: str | Path, dtype: torch.dtype | None = None,

@@ -13,7 +13,7 @@ import torch
 
 from ..model import Transformer
 from ..model.attention import GQAttention, MLAttention
-from ..model.paged import Chunk, PagedBatch, paged_hidden_states
+from ..model.paged import Chunk, PagedBatch, paged_hidden_states, paged_mtp_hidden
 from .blocks import CachePool
 
 # Families whose every layer the paged forward reproduces exactly (plain causal GQA / MLA blocks).
@@ -41,13 +41,13 @@ def check_servable(model: Transformer) -> None:
 @dataclass
 class Work:
     """One sequence's share of a step: `tokens` at positions start..start+len(tokens), whose keys go to the
-    blocks of `table` (covering at least start+len(tokens) positions); logits: return the next-token
-    logits after the last of them."""
+    blocks of `table` (covering at least start+len(tokens) positions); logits: how many of the last tokens
+    want next-token logits (0 or 1; 2 to verify a speculative draft)."""
 
     tokens: list[int]
     start: int
     table: list[int]
-    logits: bool
+    logits: int
 
 
 class ModelRunner:
@@ -55,7 +55,7 @@ class ModelRunner:
 
     def __init__(self, model: Transformer, pool: CachePool) -> None:
         check_servable(model)
-        if pool.config.num_hidden_layers != model.config.num_hidden_layers:
+        if len(pool.layers) < model.config.num_hidden_layers or pool.config.num_hidden_layers != model.config.num_hidden_layers:
             raise ValueError("the cache pool was built for another model configuration")
         param = model.embed.weight
         if pool.dtype != param.dtype or pool.layers[0][0].device != param.device:
@@ -83,22 +83,34 @@ class ModelRunner:
             else:
                 table = torch.tensor(w.table[:-(-context // P)], dtype=torch.long, device=self.device)
                 chunks.append(Chunk(row, len(w.tokens), table, context))
-            if w.logits:
-                want.append(len(ids) - 1)
+            want += range(len(ids) - int(w.logits), len(ids))
         meta = PagedBatch(self._tensor(positions), self._tensor(slots), chunks=tuple(chunks))
         if dec_rows:
             width = max(map(len, dec_tables))
             padded = [t + [t[0]] * (width - len(t)) for t in dec_tables]  # padding keys are masked out
             meta.decode_rows, meta.decode_tables = self._tensor(dec_rows), self._tensor(padded)
             meta.decode_lens = self._tensor(dec_lens)
-        return self._tensor(ids), meta, want
+        return self._tensor(ids), meta.with_decode_mask(), want
 
     @torch.no_grad()
-    def run(self, work: list[Work]) -> torch.Tensor:
-        """Run one step; fp32 logits (n, V) for the works with logits=True, in their order."""
+    def run(self, work: list[Work], keep_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run one step -> fp32 logits (n, V) of the rows the works asked for, in their order; with
+        keep_hidden also the final-normed hidden states of every packed token (M, D) (for the MTP drafter)."""
         ids, meta, want = self.metadata(work)
         hidden = paged_hidden_states(self.model, ids, meta, self.pool.layers)  # (M, D)
-        return self.model.head(hidden[self._tensor(want)]).float()
+        logits = self.model.head(hidden[self._tensor(want)]).float()
+        return (logits, hidden) if keep_hidden else logits
+
+    @torch.no_grad()
+    def run_mtp(self, work: list[Work], h_prev: torch.Tensor) -> torch.Tensor:
+        """The first MTP module over a packed step: work[i].tokens are the tokens *after* its positions,
+        h_prev (M, D) the main model's hidden states at them; keys in the pool's MTP layer (the last).
+        -> fp32 draft logits (n, V) for the rows the works asked for."""
+        if self.pool.extra_layers < 1 or not self.model.mtp:
+            raise RuntimeError("speculative decoding needs a model with an MTP module and a pool with its layer")
+        ids, meta, want = self.metadata(work)
+        h = paged_mtp_hidden(self.model, 0, h_prev, ids, meta, self.pool.layers[len(self.model.layers)])
+        return self.model.head(self.model.mtp[0].norm(h[self._tensor(want)])).float()
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

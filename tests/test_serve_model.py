@@ -119,7 +119,7 @@ def test_32_concurrent_requests_equal_generate_alone(served):
     for t in threads:
         t.join()
     for i in range(32):
-        text, n, reason = _alone(model, tok, tok.encode(prompts[i]).ids, lengths[i])
+        text, n, _ = _alone(model, tok, tok.encode(prompts[i]).ids, lengths[i])
         assert (results[i].choices[0].text, results[i].usage.completion_tokens) == (text, n), i
 
 
@@ -190,14 +190,13 @@ def test_serial_fallback_engine(model_dir, served):
     assert events["a"][-1].finish_reason == "abort" and 0 < len(events["a"]) < 200
     engine.shutdown(drain=False)
     for i in range(3):
-        text, n, reason = _alone(model, tok, tok.encode(prompts[i]).ids, 12)
+        text, n, _ = _alone(model, tok, tok.encode(prompts[i]).ids, 12)
         assert (results[i].choices[0].text, results[i].usage.completion_tokens) == (text, n)
 
 
 def test_seeded_sample_ignores_concurrent_requests(served):
-    url, model, tok, _ = served
-    client = _client(url)
-    body = dict(model="tiny", prompt="class Point:", max_tokens=12, temperature=1.0, seed=1234)
+    client = _client(served[0])
+    body = {"model": "tiny", "prompt": "class Point:", "max_tokens": 12, "temperature": 1.0, "seed": 1234}
     alone = client.completions.create(**body).choices[0].text
     others: list = []
     threads = [threading.Thread(target=lambda i=i: others.append(client.completions.create(

@@ -390,9 +390,11 @@ def test_speculative_requests_decode_plain_greedy_tokens_with_the_mtp_drafts_of_
     assert engine.stats().blocks_used == 0
 
 
-def test_accepted_drafts_emit_two_tokens_and_stay_exact():
+@pytest.mark.parametrize("pool_tokens", [512, 40])
+def test_accepted_drafts_emit_two_tokens_and_stay_exact(pool_tokens):
     """An oracle drafter (the reference's next token on even steps, a wrong one on odd steps) drives the
-    accept and reject paths of verification; tokens stay exact and accepted steps emit two at once."""
+    accept and reject paths of verification; tokens stay exact and accepted steps emit two at once, also
+    when a small pool preempts speculative sequences."""
     model = _model("tiny-mixtral")
     prompts = _prompts(3, 3, 12, seed=17)
     refs = {str(i): _alone(model, p, 14) for i, p in enumerate(prompts)}
@@ -404,7 +406,7 @@ def test_accepted_drafts_emit_two_tokens_and_stay_exact():
                     right = refs[seq.request_id][seq.generated]
                     seq.draft = right if seq.generated % 2 == 0 else (right + 1) % 4096
 
-    pool = CachePool.from_tokens(model.config, 512, block_size=4, extra_layers=1)
+    pool = CachePool.from_tokens(model.config, pool_tokens, block_size=4, extra_layers=1)
     model.mtp = nn.ModuleList([nn.Identity()])  # lets the engine build; the oracle never calls it
     engine = Oracle(model, pool, max_running=4, max_tokens_per_step=16, speculative=True)
     out = Collector()
@@ -415,3 +417,4 @@ def test_accepted_drafts_emit_two_tokens_and_stay_exact():
     _drain(engine)
     assert {rid: out.tokens[rid] for rid in refs} == refs
     assert engine.accepted > 0 and engine.drafted > engine.accepted and 2 in sizes
+    assert (engine.stats().preemptions > 0) == (pool_tokens < 100) and engine.stats().blocks_used == 0

@@ -359,6 +359,14 @@ class Engine:
         self._emit(seq, RequestOutput(seq.request_id, tokens or [], True, reason, error, seq.prompt_len,
                                       seq.cached_prompt_tokens or 0))
 
+    @staticmethod
+    def _emit_safely(on_event: EventCallback, out: RequestOutput) -> None:
+        """Deliver a final event to a callback that may raise (the request is over either way)."""
+        try:
+            on_event(out)
+        except Exception:  # noqa: BLE001 - a failing client callback must not stop the engine
+            pass
+
     def _emit(self, seq: Sequence, out: RequestOutput) -> None:
         try:
             seq.on_event(out)

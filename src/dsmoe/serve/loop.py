@@ -122,8 +122,8 @@ class ThreadedEngine:
                 try:
                     engine.add(request_id, prompt, params, on_event)
                 except (RequestRejected, EngineOverloaded) as e:  # raced past submit's checks
-                    on_event(RequestOutput(request_id, finished=True, finish_reason="error", error=str(e),
-                                           prompt_tokens=len(prompt)))
+                    engine._emit_safely(on_event, RequestOutput(request_id, finished=True, finish_reason="error",
+                                                                error=str(e), prompt_tokens=len(prompt)))
             if stop_now:
                 aborts += list(engine.requests)
             for request_id in aborts:

@@ -343,3 +343,22 @@ def test_a_train_run_directory_serves_as_it_is(tmp_path, served):
         with pytest.raises(openai.BadRequestError, match="no chat template"):
             client.chat.completions.create(model="run", messages=[{"role": "user", "content": "x"}])
     engine.shutdown()
+
+
+def test_speculative_greedy_equals_plain_greedy(model_dir, served):
+    """--speculative: greedy requests are drafted by the MTP module, and answer exactly as plain greedy."""
+    _, model, tok, _ = served
+    assert model.mtp  # tiny-v3 has an MTP module
+    engine, kind = make_engine(model, cache_bytes=4 << 20, max_running=8, speculative=True)
+    assert "speculative" in kind
+    app = create_app(engine, tok, "tiny", eos_token_ids=[tok.token_to_id("<|endoftext|>")], speculative=True)
+    with running(app) as url:
+        client = _client(url)
+        for prompt in ("def add(a, b):\n", "for i in range"):
+            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
+            text, n, _ = _alone(model, tok, tok.encode(prompt).ids, 16)
+            assert (out.choices[0].text, out.usage.completion_tokens) == (text, n)
+        sampled = client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=1.0, seed=3)
+        assert sampled.usage.completion_tokens >= 1  # sampling is served too, without drafting
+    assert engine.engine.drafted > 0
+    engine.shutdown()

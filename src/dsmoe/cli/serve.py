@@ -43,6 +43,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--speculative", action="store_true",
+                   help="decode greedy requests with the MTP module drafting one token ahead (DeepSeek-V3); "
+                        "the same tokens as plain greedy decoding")
     p.set_defaults(run=_run_serve)
 
 
@@ -87,12 +90,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     model = load_pretrained(directory, dtype=dtype)
     assets = load_text_assets(directory, model.config)
     engine, kind = make_engine(model, cache_bytes=cache_bytes, max_running=args.max_running,
-                               max_waiting=args.max_waiting)
+                               max_waiting=args.max_waiting, speculative=args.speculative)
     name = args.served_model_name or directory.resolve().name
     app = create_app(engine, assets.tokenizer, name, chat_template=assets.chat_template,
                      eos_token_ids=assets.eos_token_ids, sampling_defaults=assets.sampling_defaults,
                      default_max_tokens=assets.default_max_tokens, vocab_size=model.config.vocab_size,
-                     api_key=args.api_key)
+                     api_key=args.api_key, speculative=args.speculative)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop admitting at once, then uvicorn drains

@@ -35,7 +35,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str, *, chat_template: ChatTemplate | None = None,
                eos_token_ids: Sequence[int] = (), sampling_defaults: Mapping[str, Any] | None = None,
                default_max_tokens: int | None = None, vocab_size: int | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, speculative: bool = False) -> FastAPI:
     """The ASGI app serving `engine` under the model id `model_name`.
 
     eos_token_ids: where generation stops (generation_config.json's, else config.json's, else the
@@ -43,6 +43,8 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str, *, cha
     (GenerationConfig.sampling_defaults(); None: OpenAI's temperature 1). default_max_tokens: the
     checkpoint's max_new_tokens, else 16 for completions and what fits the context for chat.
     vocab_size: token-id prompts must be below it. api_key: required as `Authorization: Bearer KEY` on /v1/*.
+    speculative: the engine drafts with the model's MTP module; greedy requests use it (the same tokens as
+    plain greedy decoding, fewer steps), sampled ones decode plainly.
     app.state.draining = True makes new /v1 requests answer 503 (SIGTERM: stop admitting).
     """
     app = FastAPI(title="dsmoe", docs_url=None, redoc_url=None, openapi_url=None)
@@ -105,9 +107,11 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str, *, cha
             max_tokens = room if wanted is None else min(wanted, room)
         pick = lambda name: getattr(req, name) if getattr(req, name) is not None else defaults.get(name)  # noqa: E731
         top_p = pick("top_p")
-        return SamplingParams(max_tokens=max_tokens, temperature=float(pick("temperature") or 0.0),
+        temperature = float(pick("temperature") or 0.0)
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature,
                               top_p=None if top_p in (None, 1.0) else top_p, top_k=pick("top_k") or None,
-                              seed=req.seed, eos_token_ids=eos, ignore_eos=req.ignore_eos)
+                              seed=req.seed, eos_token_ids=eos, ignore_eos=req.ignore_eos,
+                              speculative=speculative and temperature == 0)
 
     def start(prompts: list[list[int]], req: ParsedRequest, prompt_field: str,
               default_max: int | None) -> tuple[list[Generation], asyncio.Queue]:

@@ -216,7 +216,7 @@ def test_bad_input_and_refused_options_are_400_naming_the_field(tok):
 
 
 def test_api_key_overload_and_per_request_failures(tok):
-    ids = tok.encode(TEXT).ids
+    ids = tok.encode(TEXT).ids * 4  # > 30 tokens: each request streams for 0.3 s at least
     engine = ScriptedEngine(lambda prompt, p: ids, max_context=256, tick=0.01, max_running=1, max_waiting=1,
                             raise_at_step=lambda prompt: prompt == [7])
     body = {"model": MODEL, "prompt": "def", "max_tokens": 30}
@@ -238,9 +238,11 @@ def test_api_key_overload_and_per_request_failures(tok):
                 results[name] = err
 
         threads = [threading.Thread(target=call, args=(n,)) for n in ("a", "b")]
-        for t in threads:
-            t.start()
-            time.sleep(0.05)
+        deadline = time.time() + 20
+        for t, running_, waiting in zip(threads, (1, 1), (0, 1)):
+            t.start()  # a is admitted before b is queued
+            while not (len(engine.running) == running_ and len(engine.waiting) == waiting) and time.time() < deadline:
+                time.sleep(0.002)
         r = _post(url, "/v1/completions", body, headers={"Authorization": "Bearer sekrit"})
         assert r.status_code == 429 and r.headers["Retry-After"] == "3" and r.json()["error"]["code"] == "queue_full"
         for t in threads:

@@ -24,7 +24,7 @@ from dsmoe.presets import PUBLISHED, TINY, get_preset
 transformers = pytest.importorskip("transformers")
 
 HF_FAMILY = {"deepseek-v2": "DeepseekV2", "deepseek-v2-lite": "DeepseekV2", "deepseek-v3": "DeepseekV3",
-             "mixtral-8x7b": "Mixtral"}
+             "deepseek-v3.2": "DeepseekV32", "mixtral-8x7b": "Mixtral"}
 
 
 def _meta_hf_model(config, family: str) -> nn.Module:
@@ -193,9 +193,13 @@ def test_kv_cache_figures() -> None:
 def test_matmul_flops_match_flop_counter(name: str) -> None:
     """Every aten.mm of a real forward (router, experts actually run, head) over T tokens = T x ours."""
     config = get_preset(name)
+    T = 32
+    if config.uses_dsa:  # a top-k below T, so the indexer runs (its projections are in the matmul count)
+        config = config.replace(index_topk=T // 4)
     torch.manual_seed(0)
     model = Transformer(config)
-    T = 32
+    for block in model.layers:
+        block.attn.absorb = False  # DSA: the masked form, whose attention is SDPA (told apart below)
     # The routed experts run as grouped GEMMs (x (P, D) by a (E, D, N) stack), which the counter has no
     # formula for: each of the P rows is one (D x N) product.
     grouped = ({torch.ops.aten._grouped_mm: lambda a, b, *args, **kwargs: 2 * a[0] * a[1] * b[-1]}
@@ -205,7 +209,8 @@ def test_matmul_flops_match_flop_counter(name: str) -> None:
     counts = counter.get_flop_counts()["Global"]
     mm = sum(v for op, v in counts.items() if "attention" not in str(op))
     stats = arch_stats(config, context=T)
-    assert mm == T * stats.matmul_flops_per_token
+    # DSA's index scores are matmuls too: every one of the T queries scores all T keys (masked after)
+    assert mm == T * stats.matmul_flops_per_token + T * stats.indexer_flops_per_token
     assert stats.flops_per_token == stats.matmul_flops_per_token + attention_flops_per_token(config, T)
 
 
@@ -296,5 +301,20 @@ def test_cli_errors_are_one_line(case: str, tmp_path, capsys) -> None:
     assert len(lines) == 1 and lines[0].startswith("dsmoe: error: "), captured.err
 
 
+def test_v32_figures() -> None:
+    """V3.2 = V3 + one lightning indexer per layer: the Hub's "685B" (checkpoint: MTP layer included), the
+    indexer's key in the KV cache, and the report's cost argument at 128K: sparse attention reads 2048 keys."""
+    v3, v32 = get_preset("deepseek-v3"), get_preset("deepseek-v3.2")
+    s3, s32 = arch_stats(v3, context=131072), arch_stats(v32, context=131072)
+    indexer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64
+    assert s32.total_params - s3.total_params == 61 * indexer
+    assert s32.activated_params - s3.activated_params == 61 * indexer
+    assert s32.checkpoint_numel == pytest.approx(685e9, rel=0.005)
+    assert s32.kv_cache_per_token == (512 + 64 + 128) * 61
+    assert s32.dense_attention_flops_per_token == s3.attention_flops_per_token
+    assert s32.attention_flops_per_token == (2 * 128 * (192 + 128) * 2048 + 2 * 64 * 129 * 131072) * 61
+    assert attention_flops_per_token(v32, 1000) == attention_flops_per_token(v3, 1000) + 2 * 64 * 129 * 1000 * 61
+
+
 def test_every_published_preset_is_headlined() -> None:
-    assert set(HEADLINE) == set(PUBLISHED)
+    assert set(HEADLINE) | {"deepseek-v3.2"} == set(PUBLISHED)  # V3.2: test_v32_figures

@@ -67,9 +67,10 @@ INVALID = [
     ("num_nextn_predict_layers=None", "tiny-v3", dict(num_nextn_predict_layers=None), "num_nextn_predict_layers"),
     ("routed_scaling_factor=None", "tiny-v3", dict(routed_scaling_factor=None), "routed_scaling_factor"),
     ("n_shared_experts=None", "tiny-v2", dict(n_shared_experts=None), "n_shared_experts"),
-    # transformers' Mixtral has bias-free attention projections; sliding windows are not implemented
+    # transformers' Mixtral has bias-free attention projections; a sliding window is a GQA feature
     ("mixtral-attention-bias", "tiny-mixtral", dict(attention_bias=True), "attention_bias"),
-    ("sliding-window", "tiny-mixtral", dict(extra={"sliding_window": 4}), "sliding_window"),
+    ("sliding-window-0", "tiny-mixtral", dict(sliding_window=0), "sliding_window"),
+    ("sliding-window-mla", "tiny-v3", dict(sliding_window=4), "sliding_window"),
     # a string where a boolean belongs would be truthy ("false")
     ("tie-string", "tiny-mixtral", dict(tie_word_embeddings="no"), "tie_word_embeddings"),
     ("norm_topk_prob-string", "tiny-v2", dict(norm_topk_prob="false"), "norm_topk_prob"),
@@ -118,16 +119,16 @@ def test_from_hf_bad_rope_scaling():
 def test_from_hf_null_rope_theta_names_the_field():
     raw = get_preset("tiny-v3").to_hf(style="hub")
     raw["rope_theta"] = None
-    with pytest.raises(ValueError, match=r"ModelConfig.rope_theta: must be a number, got None"):
+    with pytest.raises(ValueError, match=r"ModelConfig.rope_theta: must be a number > 0, got None"):
         ModelConfig.from_hf(raw)
 
 
-def test_from_hf_accepts_a_sliding_window_that_covers_every_position():
+def test_from_hf_reads_a_sliding_window_shorter_than_the_context():
     raw = get_preset("tiny-mixtral").to_hf()
-    raw["sliding_window"] = raw["max_position_embeddings"]
-    assert ModelConfig.from_hf(raw).extra["sliding_window"] == raw["max_position_embeddings"]
-    raw["sliding_window"] = 4
-    with pytest.raises(ValueError, match=r"ModelConfig.sliding_window: sliding-window attention is not implemented"):
+    raw["sliding_window"] = 4  # Mixtral-8x7B-Instruct's first config.json carried 4096
+    assert ModelConfig.from_hf(raw).sliding_window == 4
+    raw["sliding_window"] = "4"
+    with pytest.raises(ValueError, match=r"ModelConfig.sliding_window: must be a positive integer or null, got '4'"):
         ModelConfig.from_hf(raw)
 
 

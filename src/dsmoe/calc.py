@@ -27,6 +27,13 @@ What is counted (mirrors src/dsmoe/model):
                     form 2 * heads * (qk_head_dim + v_head_dim) * context per layer; GQA
                     2 * heads * head_dim * 2 * context per layer. A causal prefill of L tokens averages
                     about half of the attention term at context = L.
+* DSA (V3.2)        the lightning indexer is part of attention_params (wq_b, wk, k_norm weight and bias,
+                    weights_proj) and of the matmul weights; its key (index_head_dim per layer) is in the KV
+                    cache; attention FLOPs at `context` are the main attention over min(context, index_topk)
+                    keys plus the indexer's scores over all of them, 2 * index_n_heads * (index_head_dim + 1)
+                    * context per layer (q.k per head, then the weighted sum over heads):
+                    O(k) + a small O(L) per token, O(L*k) per sequence, against dense MLA's O(L) / O(L^2)
+                    (dense_attention_flops_per_token).
 * KV cache          elements per token over all layers. MLA caches the latent and the shared rope key,
                     (kv_lora_rank + qk_rope_head_dim) per layer; GQA caches K and V, 2 * kv_heads * head_dim.
                     The MHA equivalent is V2's Table 1 baseline, 2 * heads * d_h per layer with d_h the
@@ -77,6 +84,8 @@ class ArchStats:
     matmul_flops_per_token: int
     attention_flops_per_token: int
     flops_per_token: int
+    dense_attention_flops_per_token: int  # the same attention over every key (= attention_flops without DSA)
+    indexer_flops_per_token: int  # DSA's index scores over `context` keys (part of attention_flops); 0 without
     layers: tuple[LayerStats, ...]
 
 
@@ -100,7 +109,16 @@ def attention_params(config: ModelConfig) -> int:
         q = _linear(dim, config.q_lora_rank, bias) + config.q_lora_rank + _linear(config.q_lora_rank, heads * qk, False)
     kv = (_linear(dim, rank + rope, bias) + rank  # wkv_a -> [c_kv | k_pe], kv_norm on c_kv
           + _linear(rank, heads * (config.qk_nope_head_dim + config.v_head_dim), False))  # wkv_b = [W_UK; W_UV]
-    return q + kv + _linear(heads * config.v_head_dim, dim, bias)
+    return q + kv + _linear(heads * config.v_head_dim, dim, bias) + indexer_params(config)
+
+
+def indexer_params(config: ModelConfig) -> int:
+    """V3.2's lightning indexer of one layer: wq_b (q latent -> heads x index_head_dim), wk (hidden ->
+    index_head_dim), k_norm (a LayerNorm: weight and bias), weights_proj (hidden -> heads); 0 without DSA."""
+    if not config.uses_dsa:
+        return 0
+    heads, width = config.index_n_heads, config.index_head_dim
+    return config.q_lora_rank * heads * width + config.hidden_size * width + 2 * width + config.hidden_size * heads
 
 
 def mlp_params(dim: int, inter_dim: int) -> int:
@@ -153,6 +171,8 @@ def kv_cache_per_token(config: ModelConfig) -> int:
     """Cached elements per token over all layers (MLA: latent + rope key; GQA: K and V)."""
     if config.uses_mla:
         per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+        if config.uses_dsa:
+            per_layer += config.index_head_dim  # the indexer's key, cached beside the latent
     else:
         per_layer = 2 * config.kv_heads * config.gqa_head_dim
     return per_layer * config.num_hidden_layers
@@ -176,12 +196,25 @@ def _attention_matmul_params(config: ModelConfig) -> int:
     """attention_params without norms and biases: the weights a token multiplies by."""
     no_bias = config.replace(attention_bias=False) if config.attention_bias else config
     norms = (config.kv_lora_rank + (config.q_lora_rank or 0)) if config.uses_mla else 0
+    if config.uses_dsa:
+        norms += 2 * config.index_head_dim  # the indexer's k_norm
     return attention_params(no_bias) - norms
 
 
-def attention_flops_per_token(config: ModelConfig, context: int = DEFAULT_CONTEXT) -> int:
-    """q.k scores and the weighted sum of values for one query over `context` keys, all layers."""
+def indexer_flops_per_token(config: ModelConfig, context: int = DEFAULT_CONTEXT) -> int:
+    """DSA: one query's index scores over `context` keys, all layers (0 without DSA)."""
+    if not config.uses_dsa:
+        return 0
+    return 2 * config.index_n_heads * (config.index_head_dim + 1) * context * config.num_hidden_layers
+
+
+def attention_flops_per_token(config: ModelConfig, context: int = DEFAULT_CONTEXT, sparse: bool = True) -> int:
+    """q.k scores and the weighted sum of values for one query over `context` keys, all layers. With DSA
+    (and sparse=True) the main attention reads min(context, index_topk) keys and the indexer scores all."""
     heads = config.num_attention_heads
+    if config.uses_dsa and sparse:
+        dense = attention_flops_per_token(config, min(context, config.index_topk), sparse=False)
+        return dense + indexer_flops_per_token(config, context)
     if config.uses_mla:
         per_layer = 2 * heads * (config.qk_head_dim + config.v_head_dim) * context
     else:
@@ -238,6 +271,8 @@ def arch_stats(config: ModelConfig, context: int = DEFAULT_CONTEXT) -> ArchStats
         mha_kv_cache_per_token=mha_kv, mha_kv_cache_bytes_per_token=mha_kv * BF16_BYTES,
         kv_cache_ratio=mha_kv / kv, context_length=context,
         matmul_flops_per_token=matmul, attention_flops_per_token=attn, flops_per_token=matmul + attn,
+        dense_attention_flops_per_token=attention_flops_per_token(config, context, sparse=False),
+        indexer_flops_per_token=indexer_flops_per_token(config, context),
         layers=layers)
 
 

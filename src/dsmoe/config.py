@@ -1,7 +1,12 @@
 """ModelConfig: one typed, validated description of every supported architecture.
 
-Field names are the Hugging Face config.json names, so reading and writing config.json is a table
-(`_HF_ALIASES`) plus the rope parameters, which come in two styles:
+Field names are the Hugging Face config.json names. Each field is declared once, with `_f(default, kind,
+families)`: its default, the kind of value it takes (checked in one place, `check_types`, with a ValueError
+naming the field, nested keys included), and the model types whose config.json carries it (config.json files
+of other model types may not give it a value that matters). Adding a field is that one line.
+
+Reading and writing config.json (config_json.py) is driven by the same declarations, plus the rope parameters,
+which come in two styles:
 
 * the Hub's original files: ``rope_theta`` + ``rope_scaling = {"type": "yarn", "factor": ...}``
 * transformers v5: ``rope_parameters = {"rope_type": "yarn", "rope_theta": ..., "factor": ...}``
@@ -19,18 +24,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "mixtral")
-MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+from .config_types import (BLOCK_SIZE, BOOL, NON_NEGATIVE_INT, NON_NEGATIVE_NUMBER, NUMBER, POSITIVE_INT,
+                           POSITIVE_NUMBER, STRING, TOKEN_IDS, Kind, check, one_of, optional, schema)
+
+MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32", "mixtral")
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+DSA_MODEL_TYPES = ("deepseek_v32",)  # MLA + DeepSeek Sparse Attention (lightning indexer, top-k keys)
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
 HIDDEN_ACTS = ("silu",)
 
-# Family defaults that config.json files routinely leave out (they live in the model code upstream).
+# Which model types' config.json carries a field (None on a field: all of them).
+DEEPSEEK = tuple(t for t in MODEL_TYPES if t != "mixtral")
+V2_ON = MLA_MODEL_TYPES  # group-limited routing, scaling factor and MLA arrived with DeepSeek-V2
+V3_ON = tuple(t for t in MLA_MODEL_TYPES if t != "deepseek_v2")  # rope_interleave, MTP: V3 and later
+MIXTRAL = ("mixtral",)
+
+# Family defaults that config.json files routinely leave out (they live in the model code upstream). A
+# field another model type carries is accepted in these files only at this value (or null, or its `off`).
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek": {"scoring_func": "softmax", "topk_method": "greedy", "first_k_dense_replace": 1},
-    "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy"},
+    "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "rope_interleave": True},
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
+    "deepseek_v32": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
     "mixtral": {
         "scoring_func": "softmax",
         "topk_method": "greedy",
@@ -42,71 +59,111 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-# HF key -> our field, for names that differ between families.
-_HF_ALIASES = {
-    "num_local_experts": "n_routed_experts",  # Mixtral
-    "num_mtp_layers": "num_nextn_predict_layers",  # transformers' alias
-}
+# Our field -> its config.json key, for model types that name it differently.
+_HF_NAMES: dict[str, dict[str, str]] = {"mixtral": {"n_routed_experts": "num_local_experts"}}
+# Other spellings accepted on reading (never written).
+_HF_ALIASES = {"num_mtp_layers": "num_nextn_predict_layers"}  # transformers' alias
 
+# The class in config.json's `architectures` for each model type. A config.json whose model_type is not one
+# of ours (Kimi-K2's "kimi_k2") loads as the model type whose class its `architectures` names.
 _ARCHITECTURES = {
     "deepseek": "DeepseekForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
     "mixtral": "MixtralForCausalLM",
 }
+
+_NO_OFF = object()
+
+ROPE_SCALING = optional(schema("an object", {
+    "rope_type": one_of(*ROPE_TYPES), "factor": optional(POSITIVE_NUMBER),
+    "original_max_position_embeddings": POSITIVE_INT, "mscale": optional(NUMBER),
+    "mscale_all_dim": optional(NUMBER), "beta_fast": optional(POSITIVE_NUMBER),
+    "beta_slow": optional(POSITIVE_NUMBER), "attention_factor": optional(POSITIVE_NUMBER),
+    "truncate": optional(BOOL), "rope_theta": POSITIVE_NUMBER}, aliases={"type": "rope_type"}))
+QUANTIZATION_CONFIG = optional(schema("an object", {
+    "quant_method": STRING, "fmt": STRING, "activation_scheme": STRING, "weight_block_size": BLOCK_SIZE}))
+
+
+def _f(default: Any, kind: Kind, families: tuple[str, ...] | None = None, off: Any = _NO_OFF) -> Any:
+    """A ModelConfig field: default, kind (checked by check_types), the model types whose config.json carries
+    it (None: all), and `off`, the value meaning "feature absent" that any model type's file may carry."""
+    return field(default=default, metadata={"kind": kind, "families": families, "off": off})
+
+
+def inert_value(name: str, value: Any, model_type: str, spec: dict[str, Any]) -> bool:
+    """Whether a field that `model_type` does not carry holds a value that changes nothing for it: null, the
+    field's `off` value, or the value this model type fixes anyway (_FAMILY_DEFAULTS)."""
+    def same(a: Any, b: Any) -> bool:
+        return b is not _NO_OFF and a == b and isinstance(a, bool) == isinstance(b, bool)  # true is not 1
+
+    return value is None or same(value, spec["off"]) or same(value, _FAMILY_DEFAULTS[model_type].get(name, _NO_OFF))
 
 
 @dataclass
 class ModelConfig:
-    model_type: str = "deepseek_v3"
-    vocab_size: int = 32000
-    hidden_size: int = 256
-    intermediate_size: int = 512  # dense MLP width (Mixtral: each expert's width)
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None  # GQA only; None = num_attention_heads
-    head_dim: int | None = None  # GQA only; None = hidden_size // num_attention_heads
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # normalised: {"rope_type": "yarn", "factor": ...}
-    rope_interleave: bool = True  # V2/V3: rope dims are adjacent pairs (official layout)
-    hidden_act: str = "silu"
-    attention_bias: bool = False
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
+    model_type: str = _f("deepseek_v3", one_of(*MODEL_TYPES))
+    vocab_size: int = _f(32000, POSITIVE_INT)
+    hidden_size: int = _f(256, POSITIVE_INT)
+    intermediate_size: int = _f(512, POSITIVE_INT)  # dense MLP width (Mixtral: each expert's width)
+    num_hidden_layers: int = _f(2, POSITIVE_INT)
+    num_attention_heads: int = _f(4, POSITIVE_INT)
+    num_key_value_heads: int | None = _f(None, optional(POSITIVE_INT))  # GQA only; None = num_attention_heads
+    head_dim: int | None = _f(None, optional(POSITIVE_INT))  # GQA only; None = hidden_size // num_attention_heads
+    max_position_embeddings: int = _f(4096, POSITIVE_INT)
+    rms_norm_eps: float = _f(1e-6, POSITIVE_NUMBER)
+    rope_theta: float = _f(10000.0, POSITIVE_NUMBER)
+    rope_scaling: dict[str, Any] | None = _f(None, ROPE_SCALING)  # normalised: {"rope_type": "yarn", ...}
+    rope_interleave: bool = _f(True, BOOL, V3_ON)  # V2/V3: rope dims are adjacent pairs (official layout)
+    hidden_act: str = _f("silu", one_of(*HIDDEN_ACTS))
+    attention_bias: bool = _f(False, BOOL, DEEPSEEK, off=False)
+    tie_word_embeddings: bool = _f(False, BOOL)
+    initializer_range: float = _f(0.02, NON_NEGATIVE_NUMBER)
+    # Mixtral (transformers' MistralConfig lineage): each query sees the last `sliding_window` keys; None = all.
+    sliding_window: int | None = _f(None, optional(POSITIVE_INT), MIXTRAL, off=None)
     # --- MoE ---
-    n_routed_experts: int | None = 8  # None = dense model
-    num_experts_per_tok: int = 2
-    n_shared_experts: int = 0
-    moe_intermediate_size: int = 128
-    first_k_dense_replace: int = 0
-    moe_layer_freq: int = 1
-    scoring_func: str = "softmax"
-    topk_method: str = "greedy"
-    n_group: int | None = None
-    topk_group: int | None = None
-    norm_topk_prob: bool = False
-    routed_scaling_factor: float = 1.0
+    n_routed_experts: int | None = _f(8, optional(NON_NEGATIVE_INT))  # None or 0 = dense model
+    num_experts_per_tok: int | None = _f(2, optional(POSITIVE_INT))
+    n_shared_experts: int = _f(0, NON_NEGATIVE_INT, DEEPSEEK, off=0)
+    moe_intermediate_size: int | None = _f(128, optional(POSITIVE_INT))  # Mixtral: = intermediate_size
+    first_k_dense_replace: int = _f(0, NON_NEGATIVE_INT, DEEPSEEK, off=0)
+    moe_layer_freq: int = _f(1, POSITIVE_INT, DEEPSEEK, off=1)
+    scoring_func: str = _f("softmax", one_of(*SCORING_FUNCS), DEEPSEEK)
+    topk_method: str = _f("greedy", one_of(*TOPK_METHODS), V2_ON)
+    n_group: int | None = _f(None, optional(POSITIVE_INT), V2_ON, off=1)
+    topk_group: int | None = _f(None, optional(POSITIVE_INT), V2_ON, off=1)
+    norm_topk_prob: bool = _f(False, BOOL, DEEPSEEK)
+    routed_scaling_factor: float = _f(1.0, POSITIVE_NUMBER, V2_ON, off=1.0)
     # --- MLA (V2/V3) ---
-    q_lora_rank: int | None = None
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
+    q_lora_rank: int | None = _f(None, optional(POSITIVE_INT), V2_ON)
+    kv_lora_rank: int = _f(64, POSITIVE_INT, V2_ON)
+    qk_nope_head_dim: int = _f(32, POSITIVE_INT, V2_ON)
+    qk_rope_head_dim: int = _f(16, POSITIVE_INT, V2_ON)
+    v_head_dim: int = _f(32, POSITIVE_INT, V2_ON)
+    # --- DSA (V3.2): the lightning indexer and its top-k (transformers' DeepseekV32Config defaults) ---
+    index_n_heads: int = _f(64, POSITIVE_INT, DSA_MODEL_TYPES)
+    index_head_dim: int = _f(128, POSITIVE_INT, DSA_MODEL_TYPES)
+    index_topk: int = _f(2048, POSITIVE_INT, DSA_MODEL_TYPES)
     # --- balancing / MTP (used by training) ---
-    aux_loss_alpha: float = 0.0
-    seq_aux: bool = False
-    router_aux_loss_coef: float = 0.0
-    num_nextn_predict_layers: int = 0
+    aux_loss_alpha: float = _f(0.0, NON_NEGATIVE_NUMBER, DEEPSEEK, off=0.0)
+    seq_aux: bool = _f(False, BOOL, DEEPSEEK, off=False)
+    router_aux_loss_coef: float = _f(0.0, NON_NEGATIVE_NUMBER, MIXTRAL, off=0.0)
+    num_nextn_predict_layers: int = _f(0, NON_NEGATIVE_INT, V3_ON, off=0)
     # --- tokens ---
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
+    bos_token_id: int | None = _f(None, optional(TOKEN_IDS))
+    eos_token_id: int | list[int] | None = _f(None, optional(TOKEN_IDS))
+    pad_token_id: int | None = _f(None, optional(TOKEN_IDS))
+    # FP8 checkpoints (DeepSeek-V3): {"quant_method": "fp8", "weight_block_size": [128, 128], ...}
+    quantization_config: dict[str, Any] | None = _f(None, QUANTIZATION_CONFIG)
     # Keys of the source config.json we do not model, kept so that to_hf() round-trips them.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # The config.json this was read from (config_json.HFSource, set by from_hf), so that to_hf() writes back
+        # what it held. A plain attribute, not a field: asdict() / ModelConfig(**d) stay as they were.
+        self._hf_source: Any = None
+        self.check_types()  # before anything below compares or normalises a value
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
         if not self.uses_mla and self.num_key_value_heads is None:
@@ -121,6 +178,11 @@ class ModelConfig:
     @property
     def uses_mla(self) -> bool:
         return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def uses_dsa(self) -> bool:
+        """DeepSeek Sparse Attention: MLA whose queries attend only to the indexer's top-k keys (V3.2)."""
+        return self.model_type in DSA_MODEL_TYPES
 
     @property
     def kv_heads(self) -> int:
@@ -183,122 +245,90 @@ class ModelConfig:
         score); V3 and Mixtral renormalise whatever k is (Mixtral's top-1 weight is 1)."""
         if not self.norm_topk_prob:
             return False
-        return self.num_experts_per_tok > 1 or self.model_type in ("deepseek_v3", "mixtral")
+        return self.num_experts_per_tok > 1 or self.model_type in (*V3_ON, *MIXTRAL)
 
     @property
     def shared_intermediate_size(self) -> int:
         return self.n_shared_experts * self.moe_intermediate_size
 
     # ------------------------------------------------------------------ validation
+    def check_types(self) -> None:
+        """The one type check of every field (nested rope_scaling / quantization_config keys included):
+        ValueError("ModelConfig.<field>: must be <kind>, got <value>")."""
+        for f in dataclasses.fields(self):
+            if "kind" in f.metadata:
+                check(f.name, getattr(self, f.name), f.metadata["kind"])
+
     def validate(self) -> None:
+        """Types, then every invalid combination, as a ValueError naming the field and what it must be."""
+        self.check_types()
+
         def fail(name: str, msg: str) -> None:
             raise ValueError(f"ModelConfig.{name}: {msg}")
 
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, f"must be a positive integer, got {value!r}")
-
-        def one_of(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                fail(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-
-        def boolean(name: str) -> None:
-            if not isinstance(getattr(self, name), bool):  # "false" from a hand-edited config.json is truthy
-                fail(name, f"must be true or false, got {getattr(self, name)!r}")
-
-        def number(name: str, integer: bool = False) -> None:
-            """A type check before any comparison: null or a string would otherwise raise a bare TypeError."""
-            value = getattr(self, name)
-            if not isinstance(value, int if integer else (int, float)) or isinstance(value, bool):
-                fail(name, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
-
-        one_of("model_type", MODEL_TYPES)
-        one_of("scoring_func", SCORING_FUNCS)
-        one_of("topk_method", TOPK_METHODS)
-        one_of("hidden_act", HIDDEN_ACTS)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings", "moe_layer_freq"):
-            positive(name)
-        for name in ("rope_interleave", "attention_bias", "tie_word_embeddings", "norm_topk_prob", "seq_aux"):
-            boolean(name)
-        for name in ("rms_norm_eps", "rope_theta"):
-            number(name)
-        for name in ("first_k_dense_replace", "num_nextn_predict_layers"):
-            number(name, integer=True)
-        if self.rms_norm_eps <= 0:
-            fail("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
-        if self.rope_theta <= 0:
-            fail("rope_theta", f"must be > 0, got {self.rope_theta}")
-        if self.first_k_dense_replace < 0:
-            fail("first_k_dense_replace", f"must be >= 0, got {self.first_k_dense_replace}")
-        if self.num_nextn_predict_layers < 0:
-            fail("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
+        for f in dataclasses.fields(self):  # a setting of another model type would be ignored, and lost by to_hf
+            families, value = f.metadata.get("families"), getattr(self, f.name)
+            if families and self.model_type not in families and value != f.default and not inert_value(
+                    f.name, value, self.model_type, f.metadata):
+                fail(f.name, f"is a setting of {', '.join(families)} models, not {self.model_type}; got {value!r}")
 
         if self.uses_mla:
-            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                positive(name)
-            if self.q_lora_rank is not None:
-                positive("q_lora_rank")
             if self.qk_rope_head_dim % 2:
                 fail("qk_rope_head_dim", f"must be even (rope rotates pairs), got {self.qk_rope_head_dim}")
         else:
-            if self.num_key_value_heads is not None:
-                positive("num_key_value_heads")
-                if self.num_attention_heads % self.num_key_value_heads:
-                    fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
-                         f"num_attention_heads={self.num_attention_heads}")
-            if self.head_dim is not None:
-                positive("head_dim")
-            elif self.hidden_size % self.num_attention_heads:
+            if self.num_key_value_heads is not None and self.num_attention_heads % self.num_key_value_heads:
+                fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
+                     f"num_attention_heads={self.num_attention_heads}")
+            if self.head_dim is None and self.hidden_size % self.num_attention_heads:
                 fail("num_attention_heads", f"{self.num_attention_heads} does not divide "
                      f"hidden_size={self.hidden_size} (or set head_dim)")
             if self.gqa_head_dim % 2:
                 fail("head_dim", f"must be even (rope rotates pairs), got {self.gqa_head_dim}")
 
-        if self.model_type == "mixtral" and self.attention_bias:
-            fail("attention_bias", "Mixtral's attention projections have no biases (transformers would drop them)")
-        window = self.extra.get("sliding_window")
-        if window is not None and (not isinstance(window, int) or window < self.max_position_embeddings):
-            fail("sliding_window", f"sliding-window attention is not implemented: only null or a window of at "
-                 f"least max_position_embeddings={self.max_position_embeddings}, got {window!r}")
+        if self.uses_dsa:
+            self._validate_dsa(fail)
+        if self.model_type == "mixtral":
+            if self.attention_bias:
+                fail("attention_bias", "Mixtral's attention projections have no biases (transformers would drop them)")
+            if self.is_moe and self.moe_intermediate_size != self.intermediate_size:
+                fail("moe_intermediate_size", f"Mixtral's experts are intermediate_size={self.intermediate_size} "
+                     f"wide, got {self.moe_intermediate_size}")
 
         if self.is_moe:
-            self._validate_moe(fail, positive, number)
-        elif self.n_routed_experts is not None and self.n_routed_experts < 0:
-            fail("n_routed_experts", f"must be positive or null, got {self.n_routed_experts}")
+            self._validate_moe(fail)
 
-        if self.rope_scaling is not None:
-            rs = self.rope_scaling
-            if rs["rope_type"] not in ROPE_TYPES:
-                fail("rope_scaling", f"rope_type must be one of {', '.join(ROPE_TYPES)}; got {rs['rope_type']!r}")
-            if rs["rope_type"] == "yarn":
-                if not rs.get("original_max_position_embeddings"):
-                    fail("rope_scaling", "yarn needs original_max_position_embeddings")
-                if rs.get("factor") is not None and rs["factor"] <= 0:
-                    fail("rope_scaling", f"factor must be > 0, got {rs['factor']}")
+        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "yarn":
+            if not self.rope_scaling.get("original_max_position_embeddings"):
+                fail("rope_scaling", "yarn needs original_max_position_embeddings")
 
-    def _validate_moe(self, fail, positive, number) -> None:
-        for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
-            positive(name)
-        number("n_shared_experts", integer=True)
-        number("routed_scaling_factor")
-        if self.n_shared_experts < 0:
-            fail("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+    def _validate_dsa(self, fail) -> None:
+        if self.q_lora_rank is None:
+            fail("q_lora_rank", "deepseek_v32 needs a query latent: the indexer's wq_b reads it")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            fail("index_head_dim", f"{self.index_head_dim} is narrower than its rope part "
+                 f"qk_rope_head_dim={self.qk_rope_head_dim}")
+        if not self.rope_interleave:
+            fail("rope_interleave", "deepseek_v32's MLA rope is always interleaved (the checkpoint's layout)")
+        # transformers writes these per-layer lists; ours follow from first_k_dense_replace. Kept in `extra` for
+        # the round trip, they must agree with what this config builds.
+        for key, rule in (("mlp_layer_types", ["sparse" if self.is_moe_layer(i) else "dense"
+                                               for i in range(self.num_hidden_layers)]),
+                          ("layer_types", ["indexed_attention"] * self.num_hidden_layers)):
+            if self.extra.get(key) is not None and self.extra[key] != rule:
+                fail(key, f"{self.extra[key]!r} differs from what this config builds ({rule!r})")
+
+    def _validate_moe(self, fail) -> None:
+        for name in ("num_experts_per_tok", "moe_intermediate_size"):
+            if getattr(self, name) is None:
+                fail(name, f"must be a positive integer in an MoE model (n_routed_experts={self.n_routed_experts}), "
+                     "got None")
         if self.num_experts_per_tok > self.n_routed_experts:
             fail("num_experts_per_tok", f"{self.num_experts_per_tok} is larger than "
                  f"n_routed_experts={self.n_routed_experts}")
-        if self.routed_scaling_factor <= 0:
-            fail("routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}")
         if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
             fail("topk_method", "noaux_tc (V3 bias-corrected selection) needs scoring_func='sigmoid'")
         if self.topk_method in ("group_limited_greedy", "noaux_tc"):
-            n_group = self.n_group if self.n_group is not None else 1
-            topk_group = self.topk_group if self.topk_group is not None else 1
-            if n_group <= 0:
-                fail("n_group", f"must be a positive integer, got {n_group}")
-            if topk_group <= 0:
-                fail("topk_group", f"must be a positive integer, got {topk_group}")
+            n_group, topk_group = self.n_group or 1, self.topk_group or 1
             if self.n_routed_experts % n_group:
                 fail("n_group", f"{n_group} groups do not divide n_routed_experts={self.n_routed_experts}")
             if topk_group > n_group:
@@ -312,90 +342,46 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf(cls, source: str | Path | dict[str, Any]) -> "ModelConfig":
-        """Build from a config.json dict, its path, or the checkpoint directory holding it."""
-        if isinstance(source, dict):
-            raw = dict(source)
-        else:
-            path = Path(source)
-            if path.is_dir():
-                path = path / "config.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"no config.json at {path}")
-            try:
-                raw = json.loads(path.read_text())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not valid JSON ({err})") from None
-            if not isinstance(raw, dict):
-                raise ValueError(f"{path}: config.json must hold a JSON object, got {type(raw).__name__}")
-        model_type = raw.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"ModelConfig.model_type: must be one of {', '.join(MODEL_TYPES)}; "
-                             f"got {model_type!r}")
-        values: dict[str, Any] = dict(_FAMILY_DEFAULTS[model_type])
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        extra: dict[str, Any] = {}
-        for key, value in raw.items():
-            key = _HF_ALIASES.get(key, key)
-            if key in ("rope_parameters", "rope_scaling", "rope_theta"):
-                continue
-            if key in known:
-                values[key] = value
-            else:
-                extra[key] = value
-        values.update(_rope_from_hf(raw, default_theta=values.get("rope_theta", 10000.0)))
-        if model_type in MLA_MODEL_TYPES:
-            # transformers writes head_dim = qk_rope_head_dim for MLA models; it is not a GQA head size.
-            values.pop("head_dim", None)
-            values.pop("num_key_value_heads", None)
-        if model_type == "mixtral":
-            values["moe_intermediate_size"] = values.get("intermediate_size", cls.intermediate_size)
-        for drop in ("architectures", "transformers_version", "dtype", "torch_dtype", "auto_map"):
-            extra.pop(drop, None)
-        return cls(**values, extra=extra)
+    def from_hf(cls, source: str | Path | dict[str, Any], strict: bool = False) -> "ModelConfig":
+        """Build from a config.json dict, its path, or the checkpoint directory holding it.
 
-    def to_hf(self, style: str = "v5") -> dict[str, Any]:
+        The model type is config.json's `model_type`, or else the one whose class `architectures` names
+        (Kimi-K2: model_type "kimi_k2", architectures ["DeepseekV3ForCausalLM"]). Raises ValueError naming the
+        culprit for: a model type and architecture dsmoe does not implement, a wrongly typed value, a key of
+        another model type with a value that would change the model (kv_lora_rank in a V1 file), an invalid
+        combination. An unknown key close to a known one (`num_hiden_layers`) is reported with a
+        `ConfigKeyWarning` naming the likely intended key; strict=True refuses it instead. Every other unknown
+        key is kept in `extra`, and to_hf() writes back what the file held (see config_json.py).
+        FileNotFoundError when there is no config.json.
+        """
+        from .config_json import config_from_hf
+
+        return config_from_hf(cls, source, strict)
+
+    def to_hf(self, style: str | None = None) -> dict[str, Any]:
         """A config.json dict. style="v5": `rope_parameters` (transformers >= 5); "hub": `rope_theta` +
-        `rope_scaling`, as the published checkpoints write it."""
-        if style not in ("v5", "hub"):
-            raise ValueError(f"to_hf(style=...): must be 'v5' or 'hub', got {style!r}")
-        out: dict[str, Any] = {"architectures": [_ARCHITECTURES[self.model_type]]}
-        out.update(self.extra)
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "rope_theta", "rope_scaling", "rope_interleave"):
-                continue
-            out[f.name] = getattr(self, f.name)
-        if self.model_type == "mixtral":
-            out["num_local_experts"] = out.pop("n_routed_experts")
-            out["intermediate_size"] = self.moe_intermediate_size
-            for key in ("n_shared_experts", "moe_intermediate_size", "first_k_dense_replace", "moe_layer_freq",
-                        "scoring_func", "topk_method", "n_group", "topk_group", "norm_topk_prob",
-                        "routed_scaling_factor", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-                        "qk_rope_head_dim", "v_head_dim", "aux_loss_alpha", "seq_aux", "num_nextn_predict_layers"):
-                out.pop(key)
-        if self.uses_mla:
-            out.pop("head_dim")
-            out["num_key_value_heads"] = self.num_attention_heads
-            if self.model_type == "deepseek_v3":
-                out["rope_interleave"] = self.rope_interleave
-        if self.model_type != "mixtral":
-            out.pop("router_aux_loss_coef")
-        if style == "v5":
-            params = {"rope_type": "default", "rope_theta": self.rope_theta}
-            if self.rope_scaling is not None:
-                params.update(self.rope_scaling)
-            out["rope_parameters"] = params
-        else:
-            out["rope_theta"] = self.rope_theta
-            out["rope_scaling"] = None if self.rope_scaling is None else {
-                ("type" if k == "rope_type" else k): v for k, v in self.rope_scaling.items()}
-        return out
+        `rope_scaling`, as the published checkpoints write it; None: the style of the file this config was
+        read from (v5 for a config built in Python).
 
-    def save(self, directory: str | Path, style: str = "v5") -> None:
-        Path(directory, "config.json").write_text(json.dumps(self.to_hf(style), indent=2) + "\n")
+        Read from a file, the result holds that file's keys and values (unknown ones such as auto_map included),
+        with only the fields changed since updated, and adds no key the file lacked unless its value changed;
+        it never writes keys that do not belong to the model type (kv_lora_rank in a V1 file).
+        """
+        from .config_json import config_to_hf
+
+        return config_to_hf(self, style)
+
+    def save(self, directory: str | Path, style: str | None = None) -> None:
+        from .files import atomic_write_text
+
+        atomic_write_text(Path(directory, "config.json"), json.dumps(self.to_hf(style), indent=2) + "\n")
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; it remembers the config.json this one was read from, so a later to_hf()
+        still writes that file's other keys."""
+        new = dataclasses.replace(self, **changes, extra=dict(self.extra))
+        new._hf_source = self._hf_source
+        return new
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -413,22 +399,3 @@ def _normalise_rope_scaling(rs: dict[str, Any]) -> dict[str, Any] | None:
     if rope_type == "default" and not rs:
         return None
     return {"rope_type": rope_type, **rs}
-
-
-def _rope_from_hf(raw: dict[str, Any], default_theta: float) -> dict[str, Any]:
-    """Both styles -> {rope_theta, rope_scaling}. A v5 `rope_parameters` wins over the Hub keys."""
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict) and params:
-        theta = params.get("rope_theta", raw.get("rope_theta", default_theta))
-        return {"rope_theta": _theta(theta), "rope_scaling": _normalise_rope_scaling(params)}
-    theta = raw.get("rope_theta", default_theta)
-    scaling = raw.get("rope_scaling")
-    if scaling is not None and not isinstance(scaling, dict):
-        raise ValueError(f"ModelConfig.rope_scaling: must be an object or null, got {scaling!r}")
-    return {"rope_theta": _theta(theta), "rope_scaling": _normalise_rope_scaling(scaling) if scaling else None}
-
-
-def _theta(value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"ModelConfig.rope_theta: must be a number, got {value!r}")
-    return float(value)

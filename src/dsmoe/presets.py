@@ -49,6 +49,17 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
         rope_scaling={"type": "yarn", "mscale": 1.0, "mscale_all_dim": 1.0, **_YARN_40},
         bos_token_id=0, eos_token_id=1),
+    # deepseek-ai/DeepSeek-V3.2-Exp (and DeepSeek-V3.2): V3's dims plus the lightning indexer of DSA
+    "deepseek-v3.2": dict(
+        model_type="deepseek_v32", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        num_hidden_layers=61, num_attention_heads=128, max_position_embeddings=163840,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, moe_intermediate_size=2048,
+        first_k_dense_replace=3, scoring_func="sigmoid", topk_method="noaux_tc", n_group=8, topk_group=4,
+        norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+        index_n_heads=64, index_head_dim=128, index_topk=2048,
+        rope_scaling={"type": "yarn", "mscale": 1.0, "mscale_all_dim": 1.0, **_YARN_40},
+        bos_token_id=0, eos_token_id=1),
     # mistralai/Mixtral-8x7B-v0.1
     "mixtral-8x7b": dict(
         model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
@@ -74,6 +85,12 @@ TINY: dict[str, dict[str, Any]] = {
                     n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1,
                     scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
                     norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1),
+    # index_topk 64 < the trainer's default --seq-len 128, so training and decoding exercise the sparse path
+    "tiny-v3.2": dict(_TINY_COMMON, **_TINY_MLA, model_type="deepseek_v32", q_lora_rank=64,
+                      n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1,
+                      scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
+                      norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+                      index_n_heads=4, index_head_dim=32, index_topk=64),
     "tiny-mixtral": dict(_TINY_COMMON, model_type="mixtral", num_key_value_heads=2, n_routed_experts=8,
                          num_experts_per_tok=2, intermediate_size=256, moe_intermediate_size=256,
                          norm_topk_prob=True, rope_theta=1e6, rms_norm_eps=1e-5, router_aux_loss_coef=0.02),

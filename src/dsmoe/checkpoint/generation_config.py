@@ -41,6 +41,9 @@ class GenerationConfig:
     top_k: int | None = None
     max_new_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The typed keys as the file spelled them (set by from_dict), so that to_dict writes back `"eos_token_id":
+    # [2]` as a list and `"pad_token_id": null` as null while those fields are unchanged.
+    _read: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool):
@@ -91,20 +94,34 @@ class GenerationConfig:
             raise ValueError(f"{FILE_NAME} must hold a JSON object, got {type(raw).__name__}")
         known = {k: raw[k] for k in (*_ID_FIELDS, *_SAMPLING_FIELDS) if k in raw}
         extra = {k: v for k, v in raw.items() if k not in known}
-        return cls(**known, extra=extra)
+        config = cls(**known, extra=extra)
+        config._read = {k: (v, getattr(config, k)) for k, v in known.items()}
+        return config
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object for generation_config.json: the typed fields that are set, then `extra` verbatim."""
+        """The JSON object for generation_config.json: the typed fields that are set (as the file read by
+        from_dict spelled them, while unchanged), then `extra` verbatim."""
         out: dict[str, Any] = {}
         for name in (*_ID_FIELDS, *_SAMPLING_FIELDS):
             value = getattr(self, name)
-            if name == "eos_token_id":
+            if name in self._read and self._read[name][1] == value:
+                out[name] = self._read[name][0]
+            elif name == "eos_token_id":
                 if value:
                     out[name] = value[0] if len(value) == 1 else list(value)
             elif value is not None:
                 out[name] = value
         out.update(self.extra)
         return out
+
+
+def generation_config_from_model_config(bos_token_id: Any, eos_token_id: Any,
+                                        pad_token_id: Any) -> GenerationConfig | None:
+    """A generation config carrying config.json's token ids, as transformers derives one for a checkpoint that
+    ships none; None when all three are null (nothing worth writing)."""
+    if bos_token_id is None and not eos_token_id and pad_token_id is None:
+        return None
+    return GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
 def read_generation_config(directory: str | Path) -> GenerationConfig | None:
@@ -126,5 +143,6 @@ def read_generation_config(directory: str | Path) -> GenerationConfig | None:
 
 
 def write_generation_config(directory: str | Path, config: GenerationConfig) -> None:
-    """Write directory/generation_config.json atomically (mode 0644, like the other checkpoint files)."""
+    """Write directory/generation_config.json atomically (mode 0666 less the umask, like the other checkpoint
+    files)."""
     atomic_write_text(Path(directory) / FILE_NAME, json.dumps(config.to_dict(), indent=2) + "\n")

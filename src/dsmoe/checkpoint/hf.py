@@ -18,25 +18,49 @@ from ..config import ModelConfig
 from ..files import atomic_write_text
 from ..model import Transformer
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPES, dequantize_blockwise, scale_shape
+from .generation_config import (GenerationConfig, generation_config_from_model_config, read_generation_config,
+                                write_generation_config)
 from .names import (MTP_SHARED_COPIES, checkpoint_has_mtp, hf_names, is_ignored_hf_name, mtp_layer,
                     mtp_layer_indices)
 from .shards import INDEX_NAME, SINGLE_NAME, CheckpointError, ShardReader, parse_size, write_shards
 
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-_ALWAYS_FP32 = (".ffn.gate.bias",)  # V3's correction bias: tiny, and updates of 1e-3 vanish in bf16
+_ALWAYS_FP32 = (".ffn.gate.bias",  # V3's correction bias: tiny, and updates of 1e-3 vanish in bf16
+                 ".indexer.weights_proj.weight")  # V3.2: transformers keeps it in fp32 too
 
 
-def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None) -> Transformer:
+def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, strict: bool = False) -> Transformer:
     """Load a Hugging Face checkpoint directory (DeepSeek V1/V2/V3, Mixtral) into a `Transformer`.
 
     dtype: the parameters' dtype; None keeps the checkpoint's (that of its embedding; FP8 weights are
     dequantised to it). DeepSeek-V3's MTP modules are loaded when the checkpoint holds them (a
     transformers export does not). The model is returned in eval mode on the CPU.
+    strict: refuse (ValueError) instead of warning about config.json keys that look misspelled
+    (ModelConfig.from_hf).
+    The directory's generation_config.json (token ids, sampling defaults) is read first and attached as
+    `model.generation_config` (a GenerationConfig), None when the checkpoint has none; save_pretrained
+    writes it back.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such model directory")
-    config = ModelConfig.from_hf(directory)
+    config = ModelConfig.from_hf(directory, strict=strict)
+    generation_config = read_generation_config(directory)
+    try:
+        model = _load(directory, config, dtype)
+    except CheckpointError as err:
+        typos = config._hf_source.typos
+        if not typos:
+            raise
+        # a misspelled key left its field at the default: that, not the tensor, is what to fix
+        hint = "; ".join(f"{key!r} (did you mean {meant!r}?)" for key, meant in typos.items())
+        raise CheckpointError(f"{err}; config.json has unknown key(s) {hint}") from None
+    model.generation_config = generation_config
+    return model.eval()
+
+
+def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None) -> Transformer:
+    """The weights of `directory` into a model of `config` (see load_pretrained)."""
     block = _fp8_block(config)
     with ShardReader(directory) as reader:
         with_mtp = checkpoint_has_mtp(config, set(reader.names()))
@@ -57,14 +81,22 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None) -> 
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.head.weight = model.embed.weight
-    return model.eval()
+    return model
 
 
 def save_pretrained(model: Transformer, directory: str | Path, max_shard_size: int | str = "5GB",
-                    dtype: torch.dtype | None = None, config_style: str = "v5") -> None:
+                    dtype: torch.dtype | None = None, config_style: str | None = None,
+                    generation_config: GenerationConfig | None = None) -> None:
     """Write `model` as config.json + safetensors shards with the Hub's names (per-expert tensors), which
     `transformers.AutoModelForCausalLM.from_pretrained(directory)` loads. dtype: cast on write (default:
-    as the model holds them). Shards of at most max_shard_size (bytes, or "5GB", "500MB")."""
+    as the model holds them). Shards of at most max_shard_size (bytes, or "5GB", "500MB").
+
+    config.json: ModelConfig.to_hf(config_style): a loaded model's file comes back with its own keys and
+    style (None); "v5" or "hub" pick the rope style. Its dtype key (`torch_dtype` if the source used that)
+    says the saved dtype. generation_config.json: `generation_config` if given (a training run passes the
+    tokenizer's real EOS id this way), else `model.generation_config` (what load_pretrained read, its keys
+    kept), else one made of config.json's bos/eos/pad ids when any is set; no file otherwise. Every file is
+    written with mode 0666 less the process umask, as open() would."""
     config = model.config
     limit = parse_size(max_shard_size)
     directory = Path(directory)
@@ -96,9 +128,17 @@ def save_pretrained(model: Transformer, directory: str | Path, max_shard_size: i
             stale.unlink()
     saved_dtype = dtype or model.embed.weight.dtype
     hf = config.to_hf(config_style)
-    hf["dtype"] = str(saved_dtype).removeprefix("torch.")
+    dtype_key = "torch_dtype" if "torch_dtype" in hf and "dtype" not in hf else "dtype"  # the source's key
+    hf[dtype_key] = str(saved_dtype).removeprefix("torch.")
     hf.pop("quantization_config", None)  # weights are written dequantised
     atomic_write_text(directory / "config.json", json.dumps(hf, indent=2) + "\n")
+    if generation_config is None:
+        generation_config = getattr(model, "generation_config", None)
+    if generation_config is None:
+        generation_config = generation_config_from_model_config(config.bos_token_id, config.eos_token_id,
+                                                                config.pad_token_id)
+    if generation_config is not None:
+        write_generation_config(directory, generation_config)
 
 
 def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Tensor],
@@ -167,7 +207,7 @@ def _checkpoint_dtype(reader: ShardReader) -> torch.dtype:
 
 
 def _fp8_block(config: ModelConfig) -> tuple[int, int]:
-    quant = config.extra.get("quantization_config") or {}
+    quant = config.quantization_config or {}
     block = quant.get("weight_block_size") or DEFAULT_BLOCK
     return (int(block[0]), int(block[1]))
 

@@ -66,10 +66,15 @@ _MIXTRAL_FFN = {
     "ffn.experts.w3": "block_sparse_moe.experts.{}.w3.weight",
 }
 
+# V3.2's lightning indexer (transformers' DeepseekV32Indexer; the Hub's names).
+_INDEXER = {f"attn.indexer.{name}": f"self_attn.indexer.{name}"
+            for name in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")}
+
 LAYER_TABLES = {
     "deepseek": {**_COMMON_LAYER, **_GQA, **_DEEPSEEK_FFN},
     "deepseek_v2": {**_COMMON_LAYER, **_MLA, **_DEEPSEEK_FFN},
     "deepseek_v3": {**_COMMON_LAYER, **_MLA, **_DEEPSEEK_FFN},
+    "deepseek_v32": {**_COMMON_LAYER, **_MLA, **_DEEPSEEK_FFN, **_INDEXER},
     "mixtral": {**_COMMON_LAYER, **_GQA, **_MIXTRAL_FFN},
 }
 
@@ -113,7 +118,7 @@ def hf_names(config: ModelConfig, ours: str) -> list[str]:
 
 def mtp_layer_indices(config: ModelConfig, names: set[str]) -> set[int]:
     """Indices past num_hidden_layers of the DeepSeek-V3 MTP modules a checkpoint holds (judged by eh_proj)."""
-    if config.model_type != "deepseek_v3":
+    if config.model_type not in ("deepseek_v3", "deepseek_v32"):
         return set()
     found = set()
     for name in names:

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, new_file_mode
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -134,6 +134,7 @@ def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | P
         for k, group in enumerate(_group(tensors, max_shard_size)):
             tmp = directory / f".shard-{k:05d}.safetensors.tmp"
             save_file(dict(group), str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, new_file_mode())  # safetensors writes through a 0600 temporary file
             temps.append((tmp, [name for name, _ in group]))
             total += sum(t.numel() * t.element_size() for _, t in group)
     except BaseException:

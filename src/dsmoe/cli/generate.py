@@ -18,9 +18,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (config.json, "
                    "*.safetensors, tokenizer.json)")
     p.add_argument("--prompt", required=True, metavar="TEXT")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
-                   help="0 = greedy (default)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N",
+                   help="default: generation_config.json's max_new_tokens, else 128")
+    p.add_argument("--temperature", type=_non_negative_float, default=None, metavar="T",
+                   help="0 = greedy. Default, like --top-k and --top-p: the checkpoint's generation_config.json "
+                        "(sampling only when it says do_sample: true), else greedy")
     p.add_argument("--top-k", type=_positive_int, default=None, metavar="K")
     p.add_argument("--top-p", type=float, default=None, metavar="P")
     p.add_argument("--seed", type=int, default=None, metavar="S")
@@ -47,7 +49,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from ..generate import GenerationStats, stream
     from ..train.tokenizer import EOT_TOKEN, load_tokenizer
 
-    if args.speculative and args.temperature != 0:
+    if args.speculative and args.temperature not in (None, 0):
         raise CLIError("--speculative decodes greedily: leave --temperature at 0")
     if args.speculative and args.ep > 1:
         raise CLIError("--speculative is not supported with --ep")
@@ -71,15 +73,24 @@ def _run_generate(args: argparse.Namespace) -> int:
         ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise CLIError("the prompt encodes to no tokens")
-    eos = model.config.eos_token_id
+    gen = model.generation_config  # generation_config.json, None when the checkpoint has none
+    # Stop ids: generation_config.json first (config.json's eos_token_id is often null or stale in
+    # fine-tunes), then config.json, then the tokenizer's end-of-text token.
+    eos = (gen.eos_token_id if gen is not None and gen.eos_token_id else None) or model.config.eos_token_id
     if eos is None:
         eos = tokenizer.token_to_id(EOT_TOKEN)  # None (never stop early) for a tokenizer without it
+    # Sampling: what the user gave, else the checkpoint's defaults, else greedy (always greedy when speculative).
+    defaults = gen.sampling_defaults() if gen is not None and not args.speculative else {}
+    temperature = args.temperature if args.temperature is not None else defaults.get("temperature", 0.0)
+    top_k = args.top_k if args.top_k is not None else defaults.get("top_k")
+    top_p = args.top_p if args.top_p is not None else defaults.get("top_p")
+    max_new = args.max_new_tokens or (gen.max_new_tokens if gen is not None and gen.max_new_tokens else 128)
     stats = GenerationStats()
     began = time.perf_counter()
     new: list[int] = []
     shown = ""
-    for tokens in stream(model, torch.tensor([ids]), args.max_new_tokens, args.temperature, args.top_k,
-                         args.top_p, eos, args.seed, args.speculative, stats, sync):
+    for tokens in stream(model, torch.tensor([ids]), max_new, temperature, top_k, top_p, eos, args.seed,
+                         args.speculative, stats, sync):
         new += tokens[0].tolist()
         # Decode everything so far and print the new suffix: byte-level BPE tokens can split a
         # multi-byte character, which decodes to U+FFFD until its last byte arrives.

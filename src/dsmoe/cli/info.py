@@ -79,7 +79,8 @@ def _print_info(name: str, config: ModelConfig, s: ArchStats) -> None:
            f"{config.n_shared_experts} shared" if config.is_moe else "dense")
     table.add_row("layers", f"{s.num_layers} ({s.num_layers - s.num_moe_layers} dense, {s.num_moe_layers} MoE)")
     table.add_row("experts per MoE layer", moe)
-    table.add_row("attention", "MLA" if config.uses_mla else
+    table.add_row("attention", (f"MLA + DSA (indexer {config.index_n_heads} heads x {config.index_head_dim}, "
+                                f"top-{config.index_topk} keys)") if config.uses_dsa else "MLA" if config.uses_mla else
                   f"GQA ({config.num_attention_heads} heads, {config.kv_heads} kv heads)")
     table.add_row("total parameters", _count(s.total_params))
     table.add_row("activated per token", f"{_count(s.activated_params)}  "
@@ -100,6 +101,13 @@ def _print_info(name: str, config: ModelConfig, s: ArchStats) -> None:
     table.add_row(f"forward FLOPs / token @ {s.context_length}", f"{format_count(s.flops_per_token)}  "
                   f"(matmul {format_count(s.matmul_flops_per_token)}, "
                   f"attention {format_count(s.attention_flops_per_token)})")
+    if config.uses_dsa:
+        table.add_row(f"  attention @ {s.context_length}", f"{format_count(s.attention_flops_per_token)} sparse "
+                      f"(top-{config.index_topk} + indexer {format_count(s.indexer_flops_per_token)}), "
+                      f"{format_count(s.dense_attention_flops_per_token)} dense "
+                      f"({s.dense_attention_flops_per_token / s.attention_flops_per_token:.1f}x)")
+        table.add_row("  KV cache of which indexer keys", f"{config.index_head_dim * config.num_hidden_layers:,} "
+                      "elements")
     if config.num_nextn_predict_layers:
         table.caption = ("MTP modules share the embedding and output head with the main model (counted 0); "
                          "checkpoint tensors add the Hub's per-module copies of both and the router biases.")

@@ -55,6 +55,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-protect", type=_fraction, default=d.drop_protect, metavar="F",
                    help="share of the run's sequences that are never dropped (0.1: every 10th; DeepSeek-V2: "
                         "about 10%%)")
+    p.add_argument("--indexer-warmup-steps", type=int, default=d.indexer_warmup_steps, metavar="N",
+                   help="V3.2 presets: first N steps train only the lightning indexers (dense attention, KL to the "
+                        "main attention), then sparse training of the whole model (default 0)")
     p.add_argument("--ep", type=_positive_int, default=1, metavar="E",
                    help="expert-parallel ranks; under torchrun with N processes, N = E x data-parallel ranks")
     p.set_defaults(run=_run_train)
@@ -77,7 +80,7 @@ def _run_train(args: argparse.Namespace) -> int:
                       data=args.data, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       dtype=args.dtype, eval_every=args.eval_every, mtp_weight=args.mtp_weight, balance=overrides,
                       ep=args.ep, capacity_factor=args.capacity_factor, drop_level=args.drop_level,
-                      drop_protect=args.drop_protect)
+                      drop_protect=args.drop_protect, indexer_warmup_steps=args.indexer_warmup_steps)
     info = parallel.init_distributed(args.ep, get_preset(args.preset).n_routed_experts)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache, LatentCache
+from .dsa import LightningIndexer, indexed_attention
 from .layers import RMSNorm, apply_rope
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -21,8 +22,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
               mask: torch.Tensor | None) -> torch.Tensor:
     """q (B, H, T, D), k (B, G, S, D), v (B, G, S, V) -> (B, H, T, V).
 
-    mask: bool (B, 1, T, S), True = may attend; None = causal with the T queries at the last T of the S
-    key slots (see causal_mask).
+    mask: bool (B, 1, T, S'), True = may attend; None = causal with the T queries at the last T of the S
+    key slots (see causal_mask). S' >= S: a mask over more keys than given is cut to its last S columns,
+    because a rolling cache (sliding window) returns only the most recent keys.
     SDPA's fast CPU kernel needs q, k and v of one width; MLA's value head (V) is narrower than its
     query/key head (N + R), so V is zero-padded to D and the padding sliced off afterwards.
     """
@@ -30,6 +32,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
     T, S = q.shape[2], k.shape[2]
+    if mask is not None and mask.shape[-1] > S:
+        mask = mask[..., -S:]
     # SDPA's is_causal aligns the query block with the first keys, right only when T == S.
     is_causal = mask is None and T == S
     if mask is None and not is_causal:
@@ -47,8 +51,26 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
+def sliding_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys each query may see: bool (..., T, S), True = may attend, for query positions q_pos (..., T)
+    and key positions k_pos (..., S) (any leading batch dims broadcast).
+
+    Causal (key <= query) and, with a window, key > query - window: each query sees the last `window` keys,
+    itself included (Mistral's sliding-window attention; transformers' Mixtral applies the same rule).
+    window None: plain causal. Positions may be absolute cache slots: only their differences matter.
+    """
+    q, k = q_pos[..., :, None], k_pos[..., None, :]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (k > q - window)
+    return mask
+
+
 class GQAttention(nn.Module):
-    """Grouped-query attention with Llama's rotate-half RoPE (MHA when kv heads == heads)."""
+    """Grouped-query attention with Llama's rotate-half RoPE (MHA when kv heads == heads).
+
+    With config.sliding_window the mask (Transformer.positions_and_mask) limits each query to the last
+    `sliding_window` keys, and the cache keeps only those (cache.RollingKVCache)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -107,11 +129,17 @@ class MLAttention(nn.Module):
         self.wkv_b = nn.Linear(self.kv_rank, heads * (self.nope_dim + self.v_dim), bias=False)  # [W_UK; W_UV]
         self.wo = nn.Linear(heads * self.v_dim, dim, bias=bias)
         self.absorb: bool | None = None  # None: whichever form costs fewer FLOPs (_absorb_is_cheaper)
+        self.indexer = LightningIndexer(config) if config.uses_dsa else None  # V3.2 sparse attention
 
-    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, dim) -> q_nope (B, T, H, N), q_pe (B, T, H, R) with rope applied."""
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              q_latent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, dim) -> q_nope (B, T, H, N), q_pe (B, T, H, R) with rope applied. q_latent: norm(wq_a(x))
+        when the caller already has it (the V3.2 indexer reads it too)."""
         B, T, _ = x.shape
-        q = self.wq(x) if self.q_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        if self.q_rank is None:
+            q = self.wq(x)
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x)) if q_latent is None else q_latent)
         q = q.view(B, T, -1, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin, self.interleaved)
@@ -129,12 +157,15 @@ class MLAttention(nn.Module):
         queries share them; see _absorb_is_cheaper). `self.absorb` forces one form: True / False;
         None = that automatic choice."""
         cos, sin = rope
-        q_nope, q_pe = self.query(x, cos, sin)
+        q_latent = None if self.q_rank is None else self.q_norm(self.wq_a(x))  # (B, T, Q)
+        q_nope, q_pe = self.query(x, cos, sin, q_latent)
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is None:
             latent = torch.cat((c_kv, k_pe), dim=-1)  # (B, T, C + R)
         else:
             latent = cache.update(start, c_kv, k_pe)  # (B, S, C + R)
+        if self.indexer is not None:  # V3.2: attend to the indexer's top-k keys only (dsa.py)
+            return self.wo(indexed_attention(self, x, q_latent, q_nope, q_pe, latent, rope, cache, start, mask))
         absorb = self.absorb if self.absorb is not None else self._absorb_is_cheaper(x.shape[1], latent.shape[1],
                                                                                        cache is not None)
         impl = self._absorbed if absorb else self._naive
@@ -168,12 +199,7 @@ class MLAttention(nn.Module):
         folded into the query length so scores and outputs are one batched matmul each -> (B, T, H*V)."""
         B, T, H, _ = q_nope.shape
         S, C = latent.shape[1], self.kv_rank
-        w = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, C)
-        w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)
-        # Per head, (B*T, N) @ (N, C): one bmm over heads (einsum re-plans the same contraction per call).
-        q_lat = torch.bmm(q_nope.reshape(B * T, H, self.nope_dim).transpose(0, 1), w_uk)  # (H, B*T, C)
-        q = torch.cat((q_lat.transpose(0, 1).view(B, T, H, C), q_pe), dim=-1)  # (B, T, H, C + R)
-        q = q.view(B, T * H, C + self.rope_dim)  # (B, T*H, C + R)
+        q = self.absorbed_query(q_nope, q_pe).view(B, T * H, C + self.rope_dim)  # (B, T*H, C + R)
         scores = torch.bmm(q, latent.transpose(1, 2)).float() * self.scale  # (B, T*H, S)
         if mask is None:
             mask = causal_mask(T, S, q.device)
@@ -181,6 +207,23 @@ class MLAttention(nn.Module):
             mask = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(q.dtype)
-        out = torch.bmm(probs, latent[..., :C]).view(B * T, H, C)  # (B*T, H, C)
-        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, V)
+        return self.absorbed_output(torch.bmm(probs, latent[..., :C]).view(B, T, H, C))
+
+    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, N, C) and W_UV (H, V, C), views of wkv_b."""
+        w = self.wkv_b.weight.view(-1, self.nope_dim + self.v_dim, self.kv_rank)
+        return w[:, :self.nope_dim], w[:, self.nope_dim:]
+
+    def absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope (B, T, H, N), q_pe (B, T, H, R) -> [q_nope W_UK | q_pe] (B, T, H, C + R): a query whose dot
+        product with a latent row [c_kv | k_pe] is the naive form's q.k."""
+        B, T, H, _ = q_nope.shape
+        # Per head, (B*T, N) @ (N, C): one bmm over heads (einsum re-plans the same contraction per call).
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, self.nope_dim).transpose(0, 1), self._w_uk_uv()[0])  # (H, B*T, C)
+        return torch.cat((q_lat.transpose(0, 1).view(B, T, H, self.kv_rank), q_pe), dim=-1)
+
+    def absorbed_output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention outputs in latent space (B, T, H, C) -> through W_UV per head -> (B, T, H * V)."""
+        B, T, H, C = out.shape
+        out = torch.bmm(out.reshape(B * T, H, C).transpose(0, 1), self._w_uk_uv()[1].transpose(1, 2))  # (H, B*T, V)
         return out.transpose(0, 1).reshape(B, T, H * self.v_dim)

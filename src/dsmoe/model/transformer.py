@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.capacity import TokenDropping
-from .attention import GQAttention, MLAttention, Rope, causal_mask
+from .attention import GQAttention, MLAttention, Rope, causal_mask, sliding_window_mask
 from .cache import LayerCache, ModelCache
 from .layers import MLP, RMSNorm, RotaryEmbedding
 from .moe import MoE
@@ -58,11 +58,14 @@ class Transformer(nn.Module):
     """`Transformer(config)(input_ids)` -> logits (B, T, V) in fp32 for training and comparison.
 
     with_mtp: build the config's `num_nextn_predict_layers` MTP modules (default: yes when it has any).
+    generation_config: the checkpoint's generation_config.json (dsmoe.checkpoint.GenerationConfig: EOS ids,
+    sampling defaults) when loaded by load_pretrained, else None; save_pretrained writes it back.
     """
 
     def __init__(self, config: ModelConfig, with_mtp: bool | None = None) -> None:
         super().__init__()
         self.config = config
+        self.generation_config = None  # set by load_pretrained (checkpoint/ is not imported by model code)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rope = RotaryEmbedding(config)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
@@ -148,16 +151,23 @@ class Transformer(nn.Module):
         pad (B,): left-padding per row (batched prompts of different lengths). A row's real tokens get
         positions 0, 1, ... as if unpadded, and no query attends to its padding. Padding queries attend to
         themselves only, so they stay finite and never feed NaN into the cache.
+        config.sliding_window: each query also sees only the last `sliding_window` keys (sliding_window_mask);
+        a layer whose rolling cache returns fewer keys uses the mask's last columns (attention()).
         Returns positions (T,) or (B, T), and a bool mask (B, 1, T, S) or None. None means plain causal
         where no tensor is needed: a prefill from slot 0 (SDPA's is_causal) or a single decode token (sees
         every key). Several new tokens after cached ones get their causal mask built here, once per forward.
         """
         pos = torch.arange(start, start + length, device=device)  # (T,) absolute slots
+        window = self.config.sliding_window
+        if window is not None and start + length <= window:
+            window = None  # no query is further than the window from key 0: plain causal
         if pad is None:
+            if window is not None:
+                return pos, sliding_window_mask(pos, torch.arange(start + length, device=device), window)[None, None]
             mask = None if start == 0 else causal_mask(length, start + length, device)  # None: SDPA's is_causal
             return pos, None if mask is None else mask[None, None]
         keys = torch.arange(start + length, device=device)  # (S,)
-        mask = keys[None, :] <= pos[:, None]  # (T, S) causal
+        mask = sliding_window_mask(pos, keys, window)  # (T, S) causal, windowed
         pad = pad.to(device)
         real_key = keys[None, :] >= pad[:, None]  # (B, S)
         mask = (mask[None] & real_key[:, None]) | (keys[None, None, :] == pos[None, :, None])  # (B, T, S)

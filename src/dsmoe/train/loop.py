@@ -24,7 +24,7 @@ from ..model import Transformer
 from ..ops.capacity import TokenDropping, protected_sequences
 from ..parallel import ParallelInfo
 from ..presets import get_preset
-from . import balance, checkpoint, data, metrics, tokenizer
+from . import balance, checkpoint, data, indexer, metrics, tokenizer
 from .objective import BalanceSettings, compute_losses, dropped_fraction, expert_loads, update_biases
 
 
@@ -60,6 +60,7 @@ class TrainConfig:
     capacity_factor: float | None = None
     drop_level: str = "expert"
     drop_protect: float = 0.1  # share of the run's sequences never dropped (ops.capacity.protected_sequences)
+    indexer_warmup_steps: int = 0  # V3.2 (DSA): steps of dense warm-up training only the indexers (train/indexer.py)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -79,6 +80,9 @@ class TrainConfig:
         """The balancing and dropping rules for this run's preset, checked (ValueError naming the flag).
         Device-level dropping groups the experts into the balance settings' --devices."""
         config = get_preset(self.preset)
+        if self.indexer_warmup_steps < 0 or (self.indexer_warmup_steps and not config.uses_dsa):
+            raise ValueError(f"--indexer-warmup-steps {self.indexer_warmup_steps}: must be >= 0, and needs a model "
+                             f"with DeepSeek Sparse Attention (a V3.2 preset; {self.preset} is {config.model_type})")
         settings = BalanceSettings.paper_defaults(config, **self.balance)
         settings.check_model(config)
         if "aux_free" in settings.schemes and config.topk_method != "noaux_tc":  # only V3 routers have a bias
@@ -213,6 +217,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
 
     position, record = state["position"], {}
     layers = model.moe_layers(include_mtp=True)
+    dsa = model_config.uses_dsa
     for step in range(state["step"], cfg.steps):
         began = time.perf_counter()
         lr = learning_rate(cfg, step)
@@ -222,9 +227,17 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         tokens = parallel.split_batch(tokens, info)  # this rank's rows of the global batch
         if dropping is not None:
             model.set_token_dropping(dropping, protected_sequences(step * cfg.batch_size + my_rows, cfg.drop_protect))
+        stage = indexer.stage_for(step, cfg.indexer_warmup_steps) if dsa else None
+        if dsa:
+            indexer.set_stage(model, stage)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             losses = compute_losses(model, tokens, cfg.seq_len, settings, cfg.mtp_weight)
+            if dsa:  # warm-up: the indexers' KL alone (all else frozen); sparse: added to the model's loss
+                kl = indexer.indexer_loss(model)
+                losses.total = kl if stage == indexer.WARMUP else losses.total + kl
         floats = losses.as_floats()
+        if dsa:
+            floats["indexer_loss"] = float(kl.detach())
         if dropping is not None:
             floats["dropped"] = dropped_fraction(model.moe_layers())
         values = parallel.mean_over_world(floats, info)  # every rank sees the same numbers
@@ -234,10 +247,12 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         parallel.all_reduce_gradients(model, info)
+        if stage == indexer.WARMUP:
+            indexer.drop_frozen_grads(model)
         grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip, info)
         optimizer.step()
         loads = parallel.global_expert_loads(expert_loads(layers), info)
-        if "aux_free" in settings.schemes:
+        if "aux_free" in settings.schemes and stage != indexer.WARMUP:  # routers are frozen in the warm-up
             update_biases(layers, loads, settings.bias_gamma)
         seconds = time.perf_counter() - began
         record = {"step": step + 1, **values, "lr": lr, "grad_norm": float(grad_norm),
@@ -305,7 +320,8 @@ def _resume_state(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
     saved = state.get("train_config", {})
     # The global batch and what a step computes must not change (--ep may: the result does not depend on it,
     # except through token dropping, checked by the caller).
-    for name in ("preset", "batch_size", "seq_len", "seed", "capacity_factor", "drop_level", "drop_protect"):
+    for name in ("preset", "batch_size", "seq_len", "seed", "capacity_factor", "drop_level", "drop_protect",
+                 "indexer_warmup_steps"):
         if name in saved and saved[name] != _jsonable(getattr(cfg, name)):
             shown = lambda v: "(not given)" if v is None else v  # noqa: E731
             raise TrainingError(f"--resume with --{name.replace('_', '-')} {shown(getattr(cfg, name))}, but the "

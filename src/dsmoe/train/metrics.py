@@ -55,6 +55,10 @@ def plot_run(out: Path) -> list[Path]:
         ax.plot(*zip(*val), "o-", label="validation", markersize=3)
     ax.set(xlabel="step", ylabel="loss", title="loss")
     ax.legend()
+    if "indexer_loss" in records[0]:  # V3.2: the indexer's KL is orders of magnitude below the LM loss
+        ax_kl = ax.twinx()
+        ax_kl.plot(steps, [r["indexer_loss"] for r in records], color="tab:purple", linewidth=1)
+        ax_kl.set_ylabel("indexer KL", color="tab:purple")
     ax.grid(alpha=0.3)
     ax_vio.plot(steps, [r.get("max_vio_mean", 0.0) for r in records], linewidth=1)
     ax_vio.set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", title="load imbalance")

@@ -362,3 +362,20 @@ def test_speculative_greedy_equals_plain_greedy(model_dir, served):
         assert sampled.usage.completion_tokens >= 1  # sampling is served too, without drafting
     assert engine.engine.drafted > 0
     engine.shutdown()
+
+
+def test_a_model_the_paged_engine_cannot_run_is_served_serially(served):
+    """DeepSeek-V3.2 (sparse attention) is not in the paged engine yet: `dsmoe serve` falls back to the serial
+    engine, and the answers are still generate() alone."""
+    _, _, tok, _ = served
+    torch.manual_seed(0)
+    model = dsmoe.Transformer(dsmoe.get_preset("tiny-v3.2").replace(vocab_size=tok.get_vocab_size(),
+                                                                    num_hidden_layers=2)).eval()
+    engine, kind = make_engine(model, cache_bytes=1 << 20)
+    assert kind.startswith("serial engine") and "deepseek_v32" in kind
+    app = create_app(engine, tok, "v32", eos_token_ids=[tok.token_to_id("<|endoftext|>")])
+    with running(app) as url:
+        out = _client(url).completions.create(model="v32", prompt="def add", max_tokens=8, temperature=0)
+    engine.shutdown()
+    text, n, _ = _alone(model, tok, tok.encode("def add").ids, 8)
+    assert (out.choices[0].text, out.usage.completion_tokens) == (text, n)

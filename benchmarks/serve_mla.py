@@ -5,8 +5,8 @@ against the same model with a decompressed K/V cache, and the generation through
                                    [--dtype fp32|bf16] [--threads 2] [--json OUT]
 
 One random DeepSeek-V3-shaped model (benchmarks/decode.py's: hidden 512, 4 layers, 8 heads, kv_lora 128,
-rope 32, nope 64, v 64) is served twice by the same engine (dsmoe.serve.engine.Engine, a token budget that admits every prompt in one step) from a cache pool of
-the same size:
+rope 32, nope 64, v 64) is served twice by the same engine (dsmoe.serve.engine.Engine, with a token budget
+that admits every prompt in one step) from a cache pool of the same size:
 
 * latent        what MLA caches: kv_lora_rank + qk_rope_head_dim values per token and layer;
 * decompressed  per-head keys (qk_nope + qk_rope) and values (v_head_dim), as an MHA cache would hold them.
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| cache layout | values / token / layer | pool blocks | sequences admitted | prefill s | "
           "decode step ms (median) | decode tok/s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        width = bytes_per_block(config, 1, dtype, r["layout"]) // (config.num_hidden_layers * model.embed.weight.element_size())
+        itemsize = model.embed.weight.element_size()
+        width = bytes_per_block(config, 1, dtype, r["layout"]) // (config.num_hidden_layers * itemsize)
         print(f"| {r['layout']} | {width} | {r['pool_blocks']} | {r['admitted']} | {r['prefill_s']:.1f} | "
               f"{r['step_ms_median']:.0f} | {r['decode_tok_s']:.1f} |")
     print(f"\nadmitted ratio {lat['admitted'] / dec['admitted']:.2f}x; predicted: decompressed layout "

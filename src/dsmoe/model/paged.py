@@ -37,12 +37,14 @@ PagedLayer = tuple[torch.Tensor, ...]  # (latent,) or (k, v)
 @dataclass
 class Chunk:
     """A sequence with several new tokens: packed rows start..start+length, at the last `length` of its
-    `context` positions; table (K,) its block ids."""
+    `context` positions; table (K,) its block ids. mask: (1, 1, T, S) bool when a sliding window hides
+    keys; None = plain causal with the queries at the last T of the S keys."""
 
     start: int
     length: int
     table: torch.Tensor
     context: int
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,8 +55,10 @@ class PagedBatch:
     block * block_size + offset. Decoding sequences (one new token each): decode_rows (Bd,) their packed
     rows, decode_tables (Bd, K) block tables padded with any valid block id, decode_lens (Bd,) context
     lengths including the new token. chunks: every sequence with more than one new token.
-    `with_decode_mask()` fills decode_keys (the longest context) and decode_mask (None when every decoding
-    sequence has that many keys: no padding to hide, e.g. a single stream).
+    window: sliding-window attention (Mistral / Mixtral): a query sees only the last `window` positions,
+    itself included; None = all.
+    `with_masks()` fills decode_keys (the longest context), decode_mask (None when every decoding sequence
+    has that many keys and no window hides any: e.g. a single stream) and the chunks' window masks.
     """
 
     positions: torch.Tensor
@@ -65,13 +69,20 @@ class PagedBatch:
     chunks: tuple[Chunk, ...] = ()
     decode_keys: int = 0
     decode_mask: torch.Tensor | None = None
+    window: int | None = None
 
-    def with_decode_mask(self) -> "PagedBatch":
-        """Compute decode_keys / decode_mask once per step (every layer uses them)."""
+    def with_masks(self) -> "PagedBatch":
+        """Compute the masks once per step (every layer uses them)."""
         if self.decode_lens is not None:
             lo, hi = (int(v) for v in torch.aminmax(self.decode_lens))
             self.decode_keys = hi
-            self.decode_mask = None if lo == hi else _key_mask(self.decode_lens, hi)
+            windowed = self.window is not None and hi > self.window
+            self.decode_mask = None if lo == hi and not windowed else _key_mask(self.decode_lens, hi, self.window)
+        for c in self.chunks:
+            if self.window is not None and c.context > self.window:
+                q = torch.arange(c.context - c.length, c.context, device=c.table.device)[:, None]  # (T, 1)
+                k = torch.arange(c.context, device=c.table.device)[None, :]  # (1, S)
+                c.mask = ((k <= q) & (k > q - self.window))[None, None]
         return self
 
     @property
@@ -92,9 +103,13 @@ def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return pool.index_select(0, tables.reshape(-1)).view(B, K * pool.shape[1], *pool.shape[2:])
 
 
-def _key_mask(lens: torch.Tensor, S: int) -> torch.Tensor:
-    """(Bd, 1, 1, S) bool: key s is one of the sequence's first lens[b]."""
-    return (torch.arange(S, device=lens.device)[None, :] < lens[:, None])[:, None, None]
+def _key_mask(lens: torch.Tensor, S: int, window: int | None = None) -> torch.Tensor:
+    """(Bd, 1, 1, S) bool: key s is one of the sequence's first lens[b] (and of its last `window`)."""
+    keys = torch.arange(S, device=lens.device)[None, :]
+    mask = keys < lens[:, None]
+    if window is not None:
+        mask &= keys >= lens[:, None] - window
+    return mask[:, None, None]
 
 
 def _attend_kv(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: PagedBatch,
@@ -115,7 +130,7 @@ def _attend_kv(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta
         v = _gather(v_pool, c.table[None])[:, :c.context]
         qc = q[c.start:c.start + c.length].transpose(0, 1)[None]  # (1, H, T, D)
         # mask None: causal with the chunk's queries at the last T of the S keys
-        o = attention(qc, k.transpose(1, 2), v.transpose(1, 2), scale, None)
+        o = attention(qc, k.transpose(1, 2), v.transpose(1, 2), scale, c.mask)
         out[c.start:c.start + c.length] = o[0].transpose(0, 1)
     return out
 
@@ -164,7 +179,7 @@ def _mla(attn: MLAttention, x: torch.Tensor, rope: Rope, layer: PagedLayer, meta
         latent = _gather(pool, c.table[None])[:, :c.context]  # (1, S, C + R)
         impl = attn._absorbed if _use_absorbed(attn, c.length, c.context) else attn._naive
         span = slice(c.start, c.start + c.length)
-        out[:, span] = impl(q_nope[:, span], q_pe[:, span], latent, None)
+        out[:, span] = impl(q_nope[:, span], q_pe[:, span], latent, c.mask)
     return attn.wo(out)
 
 

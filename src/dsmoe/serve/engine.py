@@ -156,7 +156,8 @@ class Engine:
     def stats(self) -> EngineStats:
         """Gauges now, counters since the engine started."""
         return dataclasses.replace(self.counters, running=len(self.running), waiting=len(self.waiting),
-                                   blocks_used=self.allocator.num_used, blocks_free=self.allocator.num_free)
+                                   blocks_used=self.allocator.num_used, blocks_free=self.allocator.num_free,
+                                   speculative_drafted=self.drafted, speculative_accepted=self.accepted)
 
     # ------------------------------------------------------------------------------------------- blocks
     def _reserve(self, seq: Sequence, positions: int) -> bool:

@@ -20,22 +20,31 @@ from .blocks import CachePool
 SERVABLE_MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "mixtral")
 
 
+def sliding_window(config) -> int | None:
+    """The config's attention window (the typed field, or config.json's key kept in `extra`); None when
+    it is absent or no shorter than the context (then it hides nothing)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        window = config.extra.get("sliding_window")
+    return window if window is not None and window < config.max_position_embeddings else None
+
+
 def check_servable(model: Transformer) -> None:
-    """Raise ValueError naming the feature when the paged forward cannot reproduce this model (a sliding
-    window, sparse or compressed attention, another block type): refused up front, never wrong tokens."""
+    """Raise ValueError naming the feature when the paged forward cannot reproduce this model (sparse or
+    compressed attention, a windowed MLA model, another block type): refused up front, never wrong tokens."""
     config = model.config
     if config.model_type not in SERVABLE_MODEL_TYPES:
         raise ValueError(f"the serving engine does not support model_type {config.model_type!r} yet "
                          f"(supported: {', '.join(SERVABLE_MODEL_TYPES)})")
-    window = getattr(config, "sliding_window", None)
-    if window is None:
-        window = config.extra.get("sliding_window")
-    if window is not None and window < config.max_position_embeddings:
-        raise ValueError(f"the serving engine does not implement sliding-window attention "
-                         f"(sliding_window={window} < max_position_embeddings={config.max_position_embeddings})")
+    window = sliding_window(config)
+    if window is not None and config.uses_mla:
+        raise ValueError(f"the serving engine implements sliding-window attention for GQA models only "
+                         f"(an MLA model with sliding_window={window})")
     for i, block in enumerate(model.layers):
         if type(block.attn) not in (GQAttention, MLAttention):
             raise ValueError(f"the serving engine cannot run layer {i}'s attention {type(block.attn).__name__}")
+        if getattr(block.attn, "indexer", None) is not None:  # V3.2's sparse attention (another branch)
+            raise ValueError(f"the serving engine does not implement sparse attention (layer {i}'s indexer)")
 
 
 @dataclass
@@ -55,7 +64,7 @@ class ModelRunner:
 
     def __init__(self, model: Transformer, pool: CachePool) -> None:
         check_servable(model)
-        if len(pool.layers) < model.config.num_hidden_layers or pool.config.num_hidden_layers != model.config.num_hidden_layers:
+        if pool.config.num_hidden_layers != model.config.num_hidden_layers:
             raise ValueError("the cache pool was built for another model configuration")
         param = model.embed.weight
         if pool.dtype != param.dtype or pool.layers[0][0].device != param.device:
@@ -63,6 +72,7 @@ class ModelRunner:
                              f"({param.dtype}, {param.device}) differ in dtype or device")
         self.model, self.pool = model, pool
         self.device = param.device
+        self.window = sliding_window(model.config)
 
     def metadata(self, work: list[Work]) -> tuple[torch.Tensor, PagedBatch, list[int]]:
         """Packed ids (M,), the attention metadata, and the packed rows whose logits are wanted."""
@@ -84,13 +94,13 @@ class ModelRunner:
                 table = torch.tensor(w.table[:-(-context // P)], dtype=torch.long, device=self.device)
                 chunks.append(Chunk(row, len(w.tokens), table, context))
             want += range(len(ids) - int(w.logits), len(ids))
-        meta = PagedBatch(self._tensor(positions), self._tensor(slots), chunks=tuple(chunks))
+        meta = PagedBatch(self._tensor(positions), self._tensor(slots), chunks=tuple(chunks), window=self.window)
         if dec_rows:
             width = max(map(len, dec_tables))
             padded = [t + [t[0]] * (width - len(t)) for t in dec_tables]  # padding keys are masked out
             meta.decode_rows, meta.decode_tables = self._tensor(dec_rows), self._tensor(padded)
             meta.decode_lens = self._tensor(dec_lens)
-        return self._tensor(ids), meta.with_decode_mask(), want
+        return self._tensor(ids), meta.with_masks(), want
 
     @torch.no_grad()
     def run(self, work: list[Work], keep_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -360,7 +360,9 @@ def test_speculative_greedy_equals_plain_greedy(model_dir, served):
             assert (out.choices[0].text, out.usage.completion_tokens) == (text, n)
         sampled = client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=1.0, seed=3)
         assert sampled.usage.completion_tokens >= 1  # sampling is served too, without drafting
-    assert engine.engine.drafted > 0
+        metrics = httpx.get(url + "/metrics").text
+    drafted = float(metrics.split("\ndsmoe_speculative_drafted_total ")[1].split()[0])
+    assert drafted == engine.engine.drafted > 0
     engine.shutdown()
 
 

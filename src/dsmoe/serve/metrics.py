@@ -86,6 +86,10 @@ class ServerMetrics:
         metric("dsmoe_prompt_tokens_total", "counter", "Prompt tokens admitted.", stats.prompt_tokens)
         metric("dsmoe_preemptions_total", "counter", "Sequences preempted for lack of cache blocks.",
                stats.preemptions)
+        metric("dsmoe_speculative_drafted_total", "counter", "MTP draft tokens verified (--speculative).",
+               stats.speculative_drafted)
+        metric("dsmoe_speculative_accepted_total", "counter", "MTP draft tokens the main model agreed with.",
+               stats.speculative_accepted)
         with self._lock:
             name = "dsmoe_requests_finished_total"
             lines += [f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"]

@@ -18,6 +18,7 @@ from .eval import _add_eval
 from .generate import _add_generate
 from .info import _add_info
 from .plot import _add_plot
+from .serve import _add_serve
 from .tokenize import _add_tokenize
 from .train import _add_train
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_tokenize(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -93,12 +93,21 @@ def test_run_saves_hub_layout_that_transformers_loads(corpus, tmp_path):
     assert (out / "tokenizer.json").is_file()
 
 
-def test_resume_after_sigkill_reproduces_uninterrupted_losses(corpus, tmp_path):
-    steps = 10
-    whole = _cli(*_args(corpus, tmp_path / "whole", steps))
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory) -> list[float]:
+    """lm_loss of every step of a 10-step run that nothing interrupts."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    os.environ["DSMOE_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")  # as _private_cache sets it
+    try:
+        whole = _cli(*_args(corpus, out, 10))
+    finally:
+        del os.environ["DSMOE_CACHE"]
     assert whole.returncode == 0, whole.stderr
-    expected = [r["lm_loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    return [r["lm_loss"] for r in read_metrics(out / "metrics.jsonl")]
 
+
+def test_resume_after_sigkill_reproduces_uninterrupted_losses(corpus, tmp_path, uninterrupted):
+    steps = 10
     out = tmp_path / "killed"
     proc = _cli(*_args(corpus, out, steps), background=True)
     deadline = time.time() + 240
@@ -110,9 +119,35 @@ def test_resume_after_sigkill_reproduces_uninterrupted_losses(corpus, tmp_path):
     assert (out / "current").resolve().name == "step-000004"  # saved at 4, killed after step 6
     resumed = _cli(*_args(corpus, out, steps), "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 4" in resumed.stderr
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1))
-    assert [r["lm_loss"] for r in records] == pytest.approx(expected, rel=1e-6, abs=0)
+    assert [r["lm_loss"] for r in records] == pytest.approx(uninterrupted, rel=1e-6, abs=0)
+
+
+def test_ctrl_c_at_a_random_step_saves_it_and_resume_alone_reproduces_the_losses(corpus, tmp_path, uninterrupted):
+    import random
+
+    out = tmp_path / "run"
+    stop_after = random.randint(1, 7)
+    proc = _cli(*_args(corpus, out, 10), background=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_metrics(out / "metrics.jsonl")) < stop_after:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    _, state = ckpt.load_checkpoint(out)
+    step = state["step"]
+    assert step >= stop_after and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (f"dsmoe: interrupted; step {step} is saved: continue with dsmoe "
+                                                f"train --out {out} --resume")
+    resumed = _cli("--out", str(out), "--resume")  # the recorded settings: nothing else to repeat
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {step}" in resumed.stderr
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 11))  # no step lost or repeated
+    assert [r["lm_loss"] for r in records] == pytest.approx(uninterrupted, rel=1e-6, abs=0)
 
 
 def test_crash_during_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypatch):
@@ -223,20 +258,6 @@ def test_damaged_trainer_state_names_the_file_and_the_fallback(corpus, tmp_path,
         train(resume)
 
 
-def test_ctrl_c_is_one_line_and_the_run_resumes(corpus, tmp_path):
-    out = tmp_path / "run"
-    proc = _cli(*_args(corpus, out, 400), background=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out / "current").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert stderr.strip().splitlines()[-1] == "dsmoe: interrupted" and "Traceback" not in stderr
-    _, state = ckpt.load_checkpoint(out)
-    assert state["step"] % 4 == 0 and state["step"] > 0
-
-
 @pytest.mark.parametrize("change,message", [
     (dict(seq_len=4096), r"the (training|validation) split of --data .* fewer than one window of \d+ \(--seq-len 4096"),
     (dict(out="FILE"), r"--out .*FILE: .*FILE exists and is not a directory"),
@@ -258,13 +279,16 @@ def test_bad_settings_fail_before_anything_is_written(corpus, tmp_path, change, 
 
 def test_resume_refuses_a_corpus_with_another_tokenizer(corpus, tmp_path):
     import inspect
+    import shutil
 
-    out, other = tmp_path / "run", tmp_path / "other"
-    other.mkdir()
-    (other / "text.py").write_text(inspect.getsource(pytest) * 3)
-    train(TrainConfig(preset="tiny-v1", steps=2, save_every=2, data=corpus, out=out, **SMALL))
+    out, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(corpus, data)
+    train(TrainConfig(preset="tiny-v1", steps=2, save_every=2, data=data, out=out, **SMALL))
+    with pytest.raises(TrainingError, match=r"--resume with --data .*other, but the run was started with .*data"):
+        train(TrainConfig(preset="tiny-v1", steps=4, data=tmp_path / "other", out=out, resume=True, **SMALL))
+    (data / "text.py").write_text(inspect.getsource(pytest) * 3)  # same path, other text
     with pytest.raises(TrainingError, match="gives another tokenizer"):
-        train(TrainConfig(preset="tiny-v1", steps=4, data=other, out=out, resume=True, **SMALL))
+        train(TrainConfig(preset="tiny-v1", steps=4, data=data, out=out, resume=True, **SMALL))
 
 
 def test_checkpoint_from_before_parameter_groups_resumes(corpus, tmp_path):

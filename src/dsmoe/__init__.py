@@ -1,11 +1,14 @@
 """dsmoe: DeepSeek V1/V2/V3 and Mixtral Mixture-of-Experts models in PyTorch."""
 
-from .checkpoint import load_pretrained, save_pretrained
-from .config import ModelConfig
-from .generate import GenerationStats
-from .generate import generate as _generate
-from .model import Transformer
-from .presets import get_preset
+from ._startup import command_interrupt_guard
+
+with command_interrupt_guard():  # Ctrl-C during the imports of the `dsmoe` command: one line, no traceback
+    from .checkpoint import load_pretrained, save_pretrained
+    from .config import ModelConfig
+    from .generate import GenerationStats
+    from .generate import generate as _generate
+    from .model import Transformer
+    from .presets import get_preset
 
 # `dsmoe.generate(...)` is the function; the module stays importable as `from dsmoe.generate import ...`.
 generate = _generate

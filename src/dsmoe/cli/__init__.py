@@ -14,8 +14,12 @@ from collections.abc import Sequence
 
 from .bench import _add_bench
 from .common import PROG, CLIError, _fail, _Parser, load_config
+from .eval import _add_eval
 from .generate import _add_generate
 from .info import _add_info
+from .plot import _add_plot
+from .serve import _add_serve
+from .tokenize import _add_tokenize
 from .train import _add_train
 
 __all__ = ["CLIError", "build_parser", "load_config", "main"]
@@ -27,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_generate(sub)
     _add_train(sub)
+    _add_eval(sub)
+    _add_plot(sub)
+    _add_tokenize(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 

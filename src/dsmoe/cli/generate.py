@@ -26,6 +26,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=_positive_int, default=None, metavar="K")
     p.add_argument("--top-p", type=float, default=None, metavar="P")
     p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user message through the checkpoint's chat template "
+                        "(tokenizer_config.json), rendered as `dsmoe serve` and transformers render it")
+    p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message first")
     p.add_argument("--speculative", action="store_true",
                    help="greedy decoding with the MTP module drafting one token ahead (DeepSeek-V3)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -67,7 +71,12 @@ def _run_generate(args: argparse.Namespace) -> int:
         parallel.shard_experts(model, info)
         sync = lambda t: parallel.broadcast_from_main(t, info)  # noqa: E731
     out = sys.stdout if info.is_main else open(os.devnull, "w")
-    ids = tokenizer.encode(args.prompt).ids
+    if args.system is not None and not args.chat:
+        raise CLIError("--system needs --chat")
+    if args.chat:
+        ids = _chat_prompt_ids(directory, tokenizer, args.prompt, args.system)
+    else:
+        ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise CLIError("the prompt encodes to no tokens")
     gen = model.generation_config  # generation_config.json, None when the checkpoint has none
@@ -106,3 +115,21 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     parallel.destroy()
     return 0
+
+
+def _chat_prompt_ids(directory: Path, tokenizer, prompt: str, system: str | None) -> list[int]:
+    """The prompt rendered by the checkpoint's chat template with a generation prompt, tokenised without
+    adding special tokens (the template writes them), as the server's /v1/chat/completions does."""
+    from ..serve.chat import ChatTemplate, ChatTemplateError
+
+    template = ChatTemplate.from_directory(directory)
+    if template is None:
+        raise CLIError(f"{directory}: no chat template (tokenizer_config.json chat_template or chat_template.jinja); "
+                       "drop --chat")
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": prompt}]
+    try:
+        text = template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as err:
+        raise CLIError(f"the chat template refused the messages: {err}") from None
+    return tokenizer.encode(text, add_special_tokens=False).ids

@@ -89,6 +89,8 @@ class EngineStats:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     preemptions: int = 0
+    speculative_drafted: int = 0  # MTP drafts verified (speculative requests)
+    speculative_accepted: int = 0  # of which the main model agreed (acceptance = accepted / drafted)
 
 
 class EngineLoop(Protocol):

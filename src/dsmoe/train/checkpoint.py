@@ -2,9 +2,10 @@
 
     out/
       step-000200/          a complete checkpoint: config.json, model.safetensors, tokenizer.json,
-                            trainer_state.pt (optimizer, RNG states, data position, step)
+                            generation_config.json, trainer_state.pt (optimizer, RNG states, data
+                            position, step)
       current -> step-000200
-      config.json -> current/config.json        (likewise model.safetensors, tokenizer.json)
+      config.json -> current/config.json        (likewise the other files but trainer_state.pt)
       metrics.jsonl, *.png
 
 A save writes a new `step-N.tmp/` directory, renames it to `step-N/` once every file is complete, then
@@ -30,7 +31,9 @@ from ..model import Transformer
 CURRENT = "current"
 STATE_FILE = "trainer_state.pt"
 PUBLISHED = ("config.json", "model.safetensors", "tokenizer.json")
-KEEP = 2  # complete checkpoints kept on disk
+# Complete checkpoints kept on disk: the newest, and the one before it in case the newest turns out damaged
+# (a disk error, a bad trainer_state.pt): `ln -sfn step-N current` then resumes from it.
+KEEP = 2
 
 
 def rng_state() -> dict[str, Any]:
@@ -42,8 +45,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(out: Path, model: Transformer, tokenizer_json: str, state: dict[str, Any]) -> Path:
-    """Write checkpoint `state["step"]` and make it current. Returns its directory."""
+def save_checkpoint(out: Path, model: Transformer, files: str | dict[str, bytes], state: dict[str, Any]) -> Path:
+    """Write checkpoint `state["step"]` and make it current. Returns its directory.
+
+    files: name -> contents written beside the weights and published at the top level (tokenizer.json,
+    generation_config.json, ...); a plain string is the tokenizer.json alone."""
+    if isinstance(files, str):
+        files = {"tokenizer.json": files.encode()}
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"step-{state['step']:06d}"
     tmp = out / f"{final.name}.tmp"
@@ -51,13 +59,14 @@ def save_checkpoint(out: Path, model: Transformer, tokenizer_json: str, state: d
     tmp.mkdir()
     # One shard whatever the size: the published top-level names must not depend on the model size.
     save_pretrained(model, tmp, max_shard_size=2**62)
-    (tmp / "tokenizer.json").write_text(tokenizer_json)
+    for name, content in files.items():
+        (tmp / name).write_bytes(content)
     torch.save(state, tmp / STATE_FILE)
     _fsync_dir(tmp)
     if final.exists():  # re-saving a step (e.g. after a resume): replace it as a whole
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _point_current(out, final.name)
+    _point_current(out, final.name, files)
     _prune(out, keep=KEEP)
     return final
 
@@ -85,12 +94,12 @@ def load_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
         raise DamagedCheckpoint(f"{path}: trainer state {reason}{fallback}") from None
 
 
-def _point_current(out: Path, target: str) -> None:
+def _point_current(out: Path, target: str, files: dict[str, bytes]) -> None:
     link = out / f".{CURRENT}.tmp"
     link.unlink(missing_ok=True)
     link.symlink_to(target)
     os.replace(link, out / CURRENT)
-    for name in PUBLISHED:
+    for name in dict.fromkeys((*PUBLISHED, *files)):
         top = out / name
         if not top.is_symlink():
             top.unlink(missing_ok=True)
@@ -99,9 +108,14 @@ def _point_current(out: Path, target: str) -> None:
 
 
 def _prune(out: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints up to the current one. Checkpoints past the current step were
+    abandoned (the run was resumed from an older one, which then saved past them): they go, the older good
+    ones stay."""
     current = (out / CURRENT).resolve().name
     steps = sorted(p for p in out.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[:-keep]:
+    newer = [p for p in steps if p.name > current]
+    older = [p for p in steps if p.name <= current]
+    for old in [*older[:-keep], *newer]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
     for stale in out.glob("step-*.tmp"):

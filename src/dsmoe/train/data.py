@@ -6,7 +6,10 @@ The corpus is a list of `Document`s. Three sources:
   so `dsmoe train` works offline with no download. Deterministic for a given Python version.
 - a folder: every ``.txt``, ``.py`` and ``.md`` file under it (hidden files and folders skipped), or a
   single such file;
-- a ``.jsonl`` file: one JSON object per line with a string ``"text"`` field.
+- a ``.jsonl`` file (one JSON object per line, the text in a string field, ``"text"`` by default) or a
+  ``.parquet`` file (a string column): see `dsmoe.train.sources`, which reads them one document at a time.
+
+Token shards written by `dsmoe tokenize` are streamed from disk instead: `dsmoe.train.shards`.
 
 Documents are encoded once and concatenated, each followed by the end-of-text token, into one 1-D
 tensor (`TokenStream`). Batches are contiguous windows read from an integer position that wraps around,
@@ -16,7 +19,6 @@ so the whole data-loader state of a run is that one integer: save it, restore it
 from __future__ import annotations
 
 import hashlib
-import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,17 +86,6 @@ def _load_stdlib() -> list[Document]:
     return docs
 
 
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
-
-
 def _folder_files(folder: Path) -> list[tuple[str, Path]]:
     found = []
     for path in folder.rglob("*"):
@@ -107,60 +98,28 @@ def _folder_files(folder: Path) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def _load_folder(folder: Path) -> list[Document]:
-    files = _folder_files(folder)
-    if not files:
-        raise DataError(f"{folder}: no {', '.join(TEXT_SUFFIXES)} files in this folder")
-    return [Document(name, _read_text(path)) for name, path in files]
-
-
-def _load_jsonl(path: Path) -> list[Document]:
-    text = _read_text(path)
-    docs = []
-    # split on "\n" only, not splitlines(): U+2028 may sit unescaped inside a JSON string
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise DataError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
-        docs.append(Document(f"{path.name}:{lineno}", obj["text"]))
-    if not docs:
-        raise DataError(f"{path}: no JSON lines in this file")
-    return docs
-
-
-def load_corpus(data: str | Path | None = None) -> list[Document]:
-    """Load the documents of a corpus: ``None`` (the standard library), a folder, a text file or a .jsonl.
+def load_corpus(data: str | Path | None = None, field: str = "text", strict: bool = True,
+                warn=None) -> list[Document]:
+    """Load the documents of a corpus: ``None`` (the standard library), a folder, a text file, a .jsonl (text
+    in `field`) or a .parquet (column `field`); see `dsmoe.train.sources`.
 
     Whitespace-only documents are dropped. Raises `DataError` (a `ValueError`) with a one-line message
-    when the path does not exist, has no matching files, a file cannot be read or decoded, a JSON line
-    is malformed, or there is no text at all.
+    when the path does not exist, has no matching files, a file cannot be read, a JSON line is malformed,
+    or there is no text at all. A file that is not valid UTF-8 is an error with strict=True, else skipped
+    with a call of warn(message).
     """
     if data is None:
         docs, where = _load_stdlib(), f"the standard library at {stdlib_root()}"
         if not docs:
             raise DataError(f"no .py files found in {where}")
     else:
-        path = Path(data).expanduser()
-        where = str(path)
-        if not path.exists():
-            raise DataError(f"{path}: no such file or folder")
-        if path.is_dir():
-            docs = _load_folder(path)
-        elif path.suffix.lower() == ".jsonl":
-            docs = _load_jsonl(path)
-        elif path.suffix.lower() in TEXT_SUFFIXES:
-            docs = [Document(path.name, _read_text(path))]
-        else:
-            raise DataError(f"{path}: unsupported corpus file; expected a folder, a .jsonl file or a "
-                            f"{', '.join(TEXT_SUFFIXES)} file")
+        from .sources import iter_documents
+
+        where = str(Path(data).expanduser())
+        docs = list(iter_documents(data, field, strict, warn))
     docs = [d for d in docs if d.text.strip()]
     if not docs:
-        raise DataError(f"{where}: no text (all files are empty or whitespace)")
+        raise DataError(f"{where}: no text (all files are empty, whitespace or skipped)")
     return docs
 
 
@@ -267,8 +226,12 @@ class TokenStream:
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
                 self._order, self._order_epoch, self._order_seed = torch.randperm(count, generator=generator), epoch, seed
             start = int(self._order[index]) * seq_len
-            rows.append(self.tokens[start:start + width])
+            rows.append(self._slice(start, start + width))
         return torch.stack(rows).long(), position + batch_size
+
+    def _slice(self, start: int, stop: int) -> torch.Tensor:
+        """Tokens [start, stop) of the stream (within its length); `shards.ShardStream` reads them from disk."""
+        return self.tokens[start:stop]
 
     def batch(self, position: int, batch_size: int, seq_len: int,
               extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -282,9 +245,10 @@ class TokenStream:
 
 
 def encode_corpus(docs: list[Document], tokenizer: Tokenizer, eot_id: int | None = None,
-                  chunk_docs: int = 256) -> TokenStream:
+                  chunk_docs: int = 256, bos_id: int | None = None) -> TokenStream:
     """Encode documents (in parallel, in chunks to bound memory) into one `TokenStream`, each document
-    followed by the end-of-text id (``eot_id``, default: the tokenizer's ``<|endoftext|>``)."""
+    followed by the end-of-text id (``eot_id``, default: the tokenizer's ``<|endoftext|>``) and, when
+    ``bos_id`` is given, preceded by it (as a pretrained checkpoint's tokenizer frames a document)."""
     if not docs:
         raise DataError("cannot encode an empty corpus")
     if eot_id is None:
@@ -296,6 +260,8 @@ def encode_corpus(docs: list[Document], tokenizer: Tokenizer, eot_id: int | None
     for i in range(0, len(docs), chunk_docs):
         ids: list[int] = []
         for enc in encode([d.text for d in docs[i:i + chunk_docs]], add_special_tokens=False):
+            if bos_id is not None:
+                ids.append(bos_id)
             ids.extend(enc.ids)
             ids.append(eot_id)
         parts.append(torch.tensor(ids, dtype=torch.int32))  # int32 halves memory; batch() returns int64

@@ -8,11 +8,10 @@ of the step.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +19,36 @@ import torch
 
 from .. import parallel
 from ..checkpoint import load_pretrained
+from ..config import ModelConfig
 from ..model import Transformer
 from ..ops.capacity import TokenDropping, protected_sequences
 from ..parallel import ParallelInfo
-from ..presets import get_preset
-from . import balance, checkpoint, data, indexer, metrics, tokenizer
+from . import balance, checkpoint, data, indexer, metrics, model_source, run_record
+from .errors import TrainingError
+from .interrupt import StopRequest
+from .prepare import prepare_corpus
 from .objective import BalanceSettings, compute_losses, dropped_fraction, expert_loads, update_biases
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, unusable resume state); the message says why."""
+__all__ = ["TrainConfig", "TrainingError", "learning_rate", "parameter_groups", "train", "evaluate"]
 
 
 @dataclass
 class TrainConfig:
     preset: str = "tiny-v3"
+    config: str | None = None  # a preset name or a config.json / checkpoint directory; None: `preset`
+    overrides: dict[str, Any] = field(default_factory=dict)  # config.json keys set on top (--set)
+    init: Path | None = None  # a Hugging Face checkpoint to fine-tune (weights, tokenizer, generation config)
+    train_only: tuple[str, ...] = ()  # fnmatch patterns over parameter names; () = all
+    freeze: tuple[str, ...] = ()
     steps: int = 800  # ~2.5 minutes on 2 quiet CPU cores
     seed: int = 0
     out: Path = Path("runs/tiny-v3")
     save_every: int = 200
     resume: bool = False
-    data: Path | None = None  # None: the Python standard library's source
+    data: Path | None = None  # None: the Python standard library's source; a folder, file or token shards
+    data_field: str = "text"  # the text's field in a .jsonl / column in a .parquet
+    strict_data: bool = False  # refuse a file that is not UTF-8 (default: skip it with a warning)
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3
@@ -61,9 +69,15 @@ class TrainConfig:
     drop_level: str = "expert"
     drop_protect: float = 0.1  # share of the run's sequences never dropped (ops.capacity.protected_sequences)
     indexer_warmup_steps: int = 0  # V3.2 (DSA): steps of dense warm-up training only the indexers (train/indexer.py)
+    # (step, lr) where a resume with another --steps re-anchored the cosine decay (None: the plain schedule)
+    lr_anchor: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        for name in ("train_only", "freeze"):  # "a,b" or ["a", "b"] -> ("a", "b")
+            value = getattr(self, name)
+            patterns = value.split(",") if isinstance(value, str) else value
+            setattr(self, name, tuple(p.strip() for p in patterns if p.strip()))
         for name in ("steps", "save_every", "batch_size", "seq_len", "eval_every", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -76,18 +90,35 @@ class TrainConfig:
         if self.capacity_factor is None and (self.drop_level, self.drop_protect) != ("expert", 0.1):
             raise ValueError("--drop-level and --drop-protect shape token dropping: they need --capacity-factor")
 
+    def model_config(self) -> ModelConfig:
+        """The architecture: --init's config.json, else --config (or --preset) with --set applied, validated
+        (ValueError naming the field)."""
+        if self.init is not None:
+            if self.overrides:
+                raise ValueError(f"--set changes the architecture; --init {self.init} trains the checkpoint's own")
+            if not Path(self.init).is_dir():
+                if self.resume and (self.out / "config.json").is_file():  # the run's own copy will do
+                    return ModelConfig.from_hf(self.out)
+                raise ValueError(f"--init {self.init}: no such checkpoint directory")
+            return ModelConfig.from_hf(self.init)
+        return model_source.resolve_config(self.config or self.preset, self.overrides)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.init) if self.init is not None else (self.config or self.preset)
+
     def settings(self) -> tuple[BalanceSettings, TokenDropping | None]:
-        """The balancing and dropping rules for this run's preset, checked (ValueError naming the flag).
+        """The balancing and dropping rules for this run's model, checked (ValueError naming the flag).
         Device-level dropping groups the experts into the balance settings' --devices."""
-        config = get_preset(self.preset)
+        config = self.model_config()
         if self.indexer_warmup_steps < 0 or (self.indexer_warmup_steps and not config.uses_dsa):
             raise ValueError(f"--indexer-warmup-steps {self.indexer_warmup_steps}: must be >= 0, and needs a model "
-                             f"with DeepSeek Sparse Attention (a V3.2 preset; {self.preset} is {config.model_type})")
+                             f"with DeepSeek Sparse Attention (V3.2; {self.model_name} is {config.model_type})")
         settings = BalanceSettings.paper_defaults(config, **self.balance)
         settings.check_model(config)
         if "aux_free" in settings.schemes and config.topk_method != "noaux_tc":  # only V3 routers have a bias
             raise ValueError("--balance aux_free needs a model whose routers have a correction bias "
-                             f"(topk_method noaux_tc; {self.preset} routes with {config.topk_method})")
+                             f"(topk_method noaux_tc; {self.model_name} routes with {config.topk_method})")
         dropping = None
         if self.capacity_factor is not None:
             dropping = TokenDropping(self.capacity_factor, self.drop_level, settings.devices)
@@ -97,7 +128,15 @@ class TrainConfig:
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warmup reaching lr at its last step (step 0 without warmup), then a cosine decay reaching
-    min_lr_ratio * lr at the last step, steps - 1. A warmup of `steps` or more is cut to steps - 1."""
+    min_lr_ratio * lr at the last step, steps - 1. A warmup of `steps` or more is cut to steps - 1.
+    With `cfg.lr_anchor = (s, r)` (set when a resume changed --steps), steps from s on decay by a half cosine
+    from r to the floor at the new last step, so the rate never jumps."""
+    if cfg.lr_anchor is not None and step >= cfg.lr_anchor[0]:
+        # --steps changed on resume at `start`: decay from the rate reached there to the floor at the new end
+        start, rate = cfg.lr_anchor
+        floor = cfg.min_lr_ratio * cfg.lr
+        progress = (step - start) / max(1, cfg.steps - 1 - start)
+        return floor + (rate - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     warmup = min(cfg.warmup, cfg.steps - 1)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -131,8 +170,12 @@ def _upgrade_optimizer_state(saved: dict[str, Any], model: torch.nn.Module,
 
 
 def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda event: None,
-          info: ParallelInfo = parallel.groups.SINGLE) -> dict[str, Any]:
+          info: ParallelInfo = parallel.groups.SINGLE, interruptible: bool = False) -> dict[str, Any]:
     """Run (or resume) training; returns the final metrics record.
+
+    interruptible: a first Ctrl-C (SIGINT) during the steps finishes the current step, saves a checkpoint
+    at it and raises KeyboardInterrupt (event "interrupted" first); a second one interrupts at once.
+    Single-process runs only (the ranks of a torchrun job would have to agree on the step).
 
     Under torchrun, `info` places this process in the EP x DP grid: every rank builds the same full
     model, then its experts are sharded and each rank trains on its slice of every global batch
@@ -154,48 +197,43 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
                        if dropping is not None else None)
     if cfg.resume:
         ckpt_dir, state = _resume_state(cfg)
+        cfg = _continue_schedule(cfg, state)
         if "dropping" in state and state["dropping"] != dropping_record:
             raise TrainingError(f"--resume: the run dropped tokens with {_describe_dropping(state['dropping'])}, "
                                 f"this command would with {_describe_dropping(dropping_record)}: repeat its "
                                 "--capacity-factor, --drop-level, --drop-protect, --devices and number of processes")
     elif (cfg.out / checkpoint.CURRENT).exists():
         raise TrainingError(f"{cfg.out} already holds a run: pass --resume to continue it or choose another --out")
+    base_config = cfg.model_config()
+    with_mtp = None
+    if cfg.init is not None:
+        with_mtp = model_source.checkpoint_has_mtp_dir(ckpt_dir if cfg.resume else cfg.init, base_config)
+    sizes = model_source.meta_parameters(base_config, with_mtp)
+    trainable = model_source.select_trainable([*sizes, *model_source.router_bias_names(base_config, with_mtp)], base_config,
+                                              cfg.train_only, cfg.freeze)
+    model_source.check_fits(cfg.model_name, sizes, trainable)
     torch.manual_seed(cfg.seed)
-    on_event({"event": "status", "message": "reading corpus"})
-    docs = data.load_corpus(cfg.data)
-    train_docs, val_docs = data.split_corpus(docs, seed=cfg.seed)
-    model_config = get_preset(cfg.preset)
-    vocab = cfg.vocab_size or model_config.vocab_size
-    on_event({"event": "status", "message": f"tokenizer ({vocab} tokens)"})
-    if not info.is_main:
-        parallel.barrier(info)  # the main rank trains and caches the tokenizer; the others then read it
-    tok = tokenizer.train_tokenizer(train_docs, vocab)
-    if info.is_main:
-        parallel.barrier(info)
-    if cfg.resume and (ckpt_dir / "tokenizer.json").is_file() and \
-            tokenizer.load_tokenizer(ckpt_dir).get_vocab() != tok.get_vocab():
-        raise TrainingError(f"--resume: the corpus at --data {cfg.data} gives another tokenizer than the run in "
-                            f"{cfg.out} was trained with (was --data changed?)")
-    train_stream = data.encode_corpus(train_docs, tok)
-    val_stream = data.encode_corpus(val_docs, tok)
-    depth = model_config.num_nextn_predict_layers
-    # Both splits must hold one window before the first step: the validation split otherwise fails only at
-    # the first evaluation, possibly before any checkpoint.
-    for split, stream, need in (("training", train_stream, cfg.seq_len + 1 + depth),
-                                ("validation", val_stream, cfg.seq_len + 1)):
-        if len(stream) < need:
-            raise TrainingError(f"the {split} split of --data {cfg.data} has {len(stream)} tokens, fewer than one "
-                                f"window of {need} (--seq-len {cfg.seq_len} + 1"
-                                f"{f' + {depth} MTP' if split == 'training' and depth else ''}): add text or lower "
-                                "--seq-len")
-    model_config = model_config.replace(
-        vocab_size=tok.get_vocab_size(),
-        max_position_embeddings=max(model_config.max_position_embeddings, cfg.seq_len + depth + 1))
+    depth = sum(1 for name in sizes if name.startswith("mtp.") and name.endswith(".eh_proj.weight"))
+    corpus = prepare_corpus(cfg, base_config, info, on_event, ckpt_dir if cfg.resume else None, depth)
+    if cfg.init is not None:
+        model_config = base_config
+        if cfg.seq_len + depth + 1 > model_config.max_position_embeddings:
+            raise TrainingError(f"--seq-len {cfg.seq_len} (+ {depth + 1}) exceeds --init's max_position_embeddings "
+                                f"{model_config.max_position_embeddings}")
+    else:  # a new model: its embedding is the tokenizer's size, and config.json names the end-of-text id
+        model_config = base_config.replace(
+            vocab_size=corpus.tokenizer.get_vocab_size(), eos_token_id=corpus.eos_id,
+            max_position_embeddings=max(base_config.max_position_embeddings, cfg.seq_len + depth + 1))
 
+    on_event({"event": "status", "message": "building the model"})
     if cfg.resume:
         model = load_pretrained(ckpt_dir, dtype=torch.float32).train()
+    elif cfg.init is not None:
+        model = load_pretrained(cfg.init, dtype=torch.float32).train()
     else:
         model = Transformer(model_config).train()
+    n_trainable, n_params = model_source.apply_trainable(model, trainable)
+    bias_names = {id(b): n for n, b in model.named_buffers() if n.endswith(".ffn.gate.bias")}
     if info.distributed:
         plan = parallel.shard_experts(model, info)
         parallel.broadcast_parameters(model, info)
@@ -211,13 +249,38 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         checkpoint.set_rng_state(state["rng"])
     log = (metrics.MetricsLog(cfg.out / "metrics.jsonl", truncate_after=state["step"] if cfg.resume else 0)
            if info.is_main else None)
-    tokenizer_json = tok.to_str()
-    on_event({"event": "start", "step": state["step"], "steps": cfg.steps,
-              "params": sum(p.numel() for p in model.parameters()), "settings": asdict(settings)})
+    if cfg.resume:
+        on_event({"event": "resumed", "step": state["step"], "checkpoint": str(ckpt_dir)})
+    on_event({"event": "start", "step": state["step"], "steps": cfg.steps, "params": n_params,
+              "trainable": n_trainable, "settings": asdict(settings)})
 
-    position, record = state["position"], {}
     layers = model.moe_layers(include_mtp=True)
-    dsa = model_config.uses_dsa
+    # the aux-loss-free bias moves only where --train-only / --freeze leave it trainable
+    bias_layers = [moe for moe in layers if moe.gate.bias is not None and bias_names.get(id(moe.gate.bias)) in trainable]
+    stop = StopRequest(on_event) if interruptible and not info.distributed else None
+    try:
+        record = _steps(cfg, on_event, info, state, model, optimizer, corpus, settings, dropping, dropping_record,
+                        my_rows, log, layers, bias_layers, stop)
+    finally:
+        if stop is not None:
+            stop.restore()
+    if info.is_main:  # the run is complete and saved: a Ctrl-C from here on only stops the plots
+        on_event({"event": "status", "message": "plotting"})
+        metrics.plot_run(cfg.out)
+    on_event({"event": "done", **record})
+    return record
+
+
+def _steps(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None], info: ParallelInfo, state: dict[str, Any],
+           model: Transformer, optimizer: torch.optim.Optimizer, corpus: Any, settings: BalanceSettings,
+           dropping: TokenDropping | None, dropping_record: dict[str, Any] | None, my_rows: torch.Tensor,
+           log: metrics.MetricsLog | None, layers: list, bias_layers: list, stop: StopRequest | None
+           ) -> dict[str, Any]:
+    """The training steps from state["step"] to cfg.steps; returns the last record."""
+    train_stream, val_stream = corpus.train, corpus.val
+    depth = len(model.mtp)
+    position, record = state["position"], {}
+    dsa = model.config.uses_dsa
     for step in range(state["step"], cfg.steps):
         began = time.perf_counter()
         lr = learning_rate(cfg, step)
@@ -252,8 +315,9 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip, info)
         optimizer.step()
         loads = parallel.global_expert_loads(expert_loads(layers), info)
-        if "aux_free" in settings.schemes and stage != indexer.WARMUP:  # routers are frozen in the warm-up
-            update_biases(layers, loads, settings.bias_gamma)
+        if "aux_free" in settings.schemes and bias_layers and stage != indexer.WARMUP:  # routers frozen in warm-up
+            update_biases(bias_layers, [load for moe, load in zip(layers, loads) if moe in bias_layers],
+                          settings.bias_gamma)
         seconds = time.perf_counter() - began
         record = {"step": step + 1, **values, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds,
@@ -263,17 +327,18 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         if log is not None:
             log.write(record)
         on_event({"event": "step", **record})
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _save(cfg, model, optimizer, info, tokenizer_json, step + 1, position, dropping_record)
+        interrupted = stop is not None and stop.requested
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or interrupted:
+            _save(cfg, model, optimizer, info, corpus.files, step + 1, position, dropping_record)
             on_event({"event": "saved", "step": step + 1})
-    if info.is_main:
-        metrics.plot_run(cfg.out)
-    on_event({"event": "done", **record})
+        if interrupted:
+            on_event({"event": "interrupted", "step": step + 1})
+            raise KeyboardInterrupt
     return record
 
 
 def _save(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer, info: ParallelInfo,
-          tokenizer_json: str, step: int, position: int, dropping: dict[str, Any] | None) -> None:
+          files: dict[str, bytes], step: int, position: int, dropping: dict[str, Any] | None) -> None:
     """Every rank joins the gathering of expert shards; the main rank writes one full checkpoint, which
     any number of processes can resume from (the same number when tokens are dropped: `dropping`)."""
     full_model, full_optimizer = model, optimizer.state_dict()
@@ -281,9 +346,10 @@ def _save(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer
         full_model = parallel.unshard_experts(model, info)
         full_optimizer = parallel.full_optimizer_state(optimizer, model, info)
     if info.is_main:
-        checkpoint.save_checkpoint(cfg.out, full_model, tokenizer_json, {
+        checkpoint.save_checkpoint(cfg.out, full_model, files, {
             "step": step, "position": position, "optimizer": full_optimizer,
-            "rng": checkpoint.rng_state(), "train_config": _jsonable(asdict(cfg)), "dropping": dropping})
+            "rng": checkpoint.rng_state(), "train_config": run_record.record(cfg), "dropping": dropping})
+        run_record.write_record(cfg.out, cfg)
     parallel.barrier(info)
 
 
@@ -317,18 +383,35 @@ def _resume_state(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
         directory, state = checkpoint.load_checkpoint(cfg.out)
     except (FileNotFoundError, checkpoint.DamagedCheckpoint) as err:
         raise TrainingError(str(err)) from None
-    saved = state.get("train_config", {})
-    # The global batch and what a step computes must not change (--ep may: the result does not depend on it,
-    # except through token dropping, checked by the caller).
-    for name in ("preset", "batch_size", "seq_len", "seed", "capacity_factor", "drop_level", "drop_protect",
-                 "indexer_warmup_steps"):
-        if name in saved and saved[name] != _jsonable(getattr(cfg, name)):
-            shown = lambda v: "(not given)" if v is None else v  # noqa: E731
-            raise TrainingError(f"--resume with --{name.replace('_', '-')} {shown(getattr(cfg, name))}, but the "
-                                f"run was started with {shown(saved[name])}")
+    saved = dict(state.get("train_config", {}))
+    for name in run_record.PATH_SETTINGS:  # checkpoints from before run.json kept the paths as given
+        saved[name] = run_record.absolute_path(saved.get(name))
+    # Everything a step computes must match the run (--ep may change: the result does not depend on it,
+    # except through token dropping, checked by the caller; the MUTABLE settings may change, reported).
+    ours = run_record.record(cfg)
+    for name in ours:
+        # (balance: the CLI refuses a changed flag by name; a changed dropping rule is refused by the caller)
+        if name in (*run_record.MUTABLE, "lr_anchor", "balance") or name not in saved or saved[name] == ours[name]:
+            continue
+        if name == "preset" and saved.get("config") is not None:
+            continue
+        shown = lambda v: "(not given)" if v is None else v  # noqa: E731
+        raise TrainingError(f"--resume with {run_record.flag_of(name)} {shown(ours[name])}, but the run was "
+                            f"started with {shown(saved[name])}")
     if state["step"] >= cfg.steps:
         raise TrainingError(f"{cfg.out} is already at step {state['step']} (--steps {cfg.steps}): nothing to do")
     return directory, state
+
+
+def _continue_schedule(cfg: TrainConfig, state: dict[str, Any]) -> TrainConfig:
+    """When --steps changed since the checkpoint, anchor the decay at the rate the old schedule had reached."""
+    saved = state.get("train_config", {})
+    old_steps = saved.get("steps", cfg.steps)
+    if old_steps == cfg.steps:
+        return replace(cfg, lr_anchor=tuple(saved["lr_anchor"]) if saved.get("lr_anchor") else cfg.lr_anchor)
+    anchor = saved.get("lr_anchor")
+    old = replace(cfg, steps=old_steps, lr_anchor=tuple(anchor) if anchor else None)
+    return replace(cfg, lr_anchor=(state["step"], learning_rate(old, state["step"])))
 
 
 def _check_out_directory(out: Path) -> None:
@@ -352,7 +435,3 @@ def _describe_dropping(record: dict[str, Any] | None) -> str:
     per = f"device ({rule['devices']} devices)" if rule["level"] == "device" else "expert"
     processes = f"{record['processes']} process{'es' if record['processes'] > 1 else ''}"
     return f"capacity factor {rule['capacity_factor']} per {per}, {record['protect']} protected, {processes}"
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))

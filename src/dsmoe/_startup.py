@@ -1,0 +1,51 @@
+"""Ctrl-C while the `dsmoe` command is still importing its dependencies (torch takes seconds): one line and
+exit status 130, like every other interruption of the command, instead of an import traceback (or of an
+interrupt that an importing library swallowed).
+
+Only the command is affected: a library user's `import dsmoe` interrupted by Ctrl-C raises KeyboardInterrupt
+as usual. No heavy import here: this must work before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+EXIT_INTERRUPTED = 130
+
+
+def running_as_command() -> bool:
+    """True under `python -m dsmoe ...` (torchrun included) or the `dsmoe` console script."""
+    argv = getattr(sys, "orig_argv", None) or []
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "-m":
+            return i + 1 < len(argv) and argv[i + 1] == "dsmoe"
+        if not arg.startswith("-"):  # the script: the console script is named dsmoe
+            return os.path.basename(arg) in ("dsmoe", "dsmoe.exe")
+    return False
+
+
+@contextmanager
+def command_interrupt_guard() -> Iterator[None]:
+    """Around the command's imports: a Ctrl-C is only noted while they run (libraries importing each other
+    may catch the KeyboardInterrupt and turn it into an ImportError, or swallow it), then the command
+    stops with one line and status 130. Anything else than the command: no effect."""
+    import signal
+    import threading
+
+    if not running_as_command() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+    try:
+        yield
+    except KeyboardInterrupt:  # raised before the handler was in place
+        hit.append(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
+        print("dsmoe: interrupted", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)  # nothing was started yet: no cleanup to run

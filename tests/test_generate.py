@@ -29,9 +29,9 @@ def _ids(vocab: int, shape=(2, 14), seed: int = 1) -> torch.Tensor:
 
 @pytest.mark.parametrize("preset", TINY)
 @torch.no_grad()
-def test_cached_decode_equals_full_forward_at_every_step(preset):
-    model = _model(preset)
-    ids = _ids(model.config.vocab_size)
+def test_cached_decode_equals_full_forward_at_every_step(preset, device):
+    model = _model(preset).to(device)
+    ids = _ids(model.config.vocab_size).to(device)
     full = model(ids)
     cache = model.make_cache(2, 32)
     chunks = [model(ids[:, :4], cache=cache)]
@@ -42,14 +42,14 @@ def test_cached_decode_equals_full_forward_at_every_step(preset):
 @pytest.mark.parametrize("preset,absorb", [("tiny-v1", None), ("tiny-mixtral", None), ("tiny-v2", False),
                                            ("tiny-v2", True), ("tiny-v3", False), ("tiny-v3", True)])
 @torch.no_grad()
-def test_multi_token_chunks_after_a_cache_equal_full_forward(preset, absorb):
+def test_multi_token_chunks_after_a_cache_equal_full_forward(preset, absorb, device):
     """Chunks of several tokens over a non-empty cache (chunked prefill, speculative verification): the
     causal mask then sits at the last T of S key slots, which SDPA's own is_causal does not do."""
-    model = _model(preset)
+    model = _model(preset).to(device)
     for block in model.layers:
         if absorb is not None:  # MLA: force one form (GQA presets have none)
             block.attn.absorb = absorb
-    ids = _ids(model.config.vocab_size)
+    ids = _ids(model.config.vocab_size).to(device)
     cache = model.make_cache(2, 32)
     chunks = [model(ids[:, a:b], cache=cache, start=a) for a, b in ((0, 4), (4, 9), (9, 10), (10, 14))]
     torch.testing.assert_close(torch.cat(chunks, dim=1), model(ids), atol=2e-5, rtol=0)
@@ -85,12 +85,12 @@ def test_cache_bytes_equal_the_formula(preset):
 
 
 @pytest.mark.parametrize("case", ["v2-qlora-greedy", "v2-lite-noqlora", "v3-yarn-groups", "mixtral"])
-def test_greedy_generate_equals_transformers(case, tmp_path):
+def test_greedy_generate_equals_transformers(case, tmp_path, device):
     ref = build_hf_model(case)
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = 0
     ref.save_pretrained(tmp_path)
-    model = dsmoe.load_pretrained(tmp_path, dtype=torch.float32)
+    model = dsmoe.load_pretrained(tmp_path, dtype=torch.float32, device=device)
     prompt = _ids(ref.config.vocab_size, (2, 7))
     with torch.no_grad():
         # explicit mask: otherwise generate() masks every prompt token equal to pad_token_id
@@ -101,16 +101,16 @@ def test_greedy_generate_equals_transformers(case, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["tiny-v1", "tiny-v3", "tiny-mixtral"])
-def test_batched_prompts_of_different_lengths_equal_one_by_one(preset):
-    model = _model(preset)
+def test_batched_prompts_of_different_lengths_equal_one_by_one(preset, device):
+    model = _model(preset).to(device)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
     batched = generate(model, prompts, 10)
     assert batched == [generate(model, [p], 10)[0] for p in prompts]
     assert [len(row) for row in batched] == [len(p) + 10 for p in prompts]
 
 
-def test_eos_stops_rows_and_pads():
-    model = _model("tiny-v3")
+def test_eos_stops_rows_and_pads(device):
+    model = _model("tiny-v3").to(device)
     prompts = torch.tensor([[5, 6, 7], [8, 9, 10]])
     free = generate(model, prompts, 8)
     eos = int(free[0, 5])  # the third token row 0 produces
@@ -123,8 +123,8 @@ def test_eos_stops_rows_and_pads():
     assert as_lists[0] == prompts[0].tolist() + row0[: first + 1]
 
 
-def test_sampling_is_seeded_and_filters():
-    model = _model("tiny-mixtral")
+def test_sampling_is_seeded_and_filters(device):
+    model = _model("tiny-mixtral").to(device)
     prompt = torch.tensor([[1, 2, 3, 4]])
     a = generate(model, prompt, 10, temperature=1.0, top_p=0.9, seed=7)
     assert torch.equal(a, generate(model, prompt, 10, temperature=1.0, top_p=0.9, seed=7))

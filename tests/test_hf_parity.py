@@ -17,16 +17,16 @@ def _ids(vocab: int, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_load_transformers_checkpoint_and_export_back(case, tmp_path):
+def test_load_transformers_checkpoint_and_export_back(case, tmp_path, device):
     ref = build_hf_model(case)
     ref.save_pretrained(tmp_path / "hf")
     ids = _ids(ref.config.vocab_size)
     with torch.no_grad():
         expected = ref(ids).logits
 
-    model = dsmoe.load_pretrained(tmp_path / "hf", dtype=torch.float32)
+    model = dsmoe.load_pretrained(tmp_path / "hf", dtype=torch.float32, device=device)
     with torch.no_grad():
-        got = model(ids)
+        got = model(ids.to(device)).cpu()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
     # Routing must be non-trivial for the comparison to mean something.

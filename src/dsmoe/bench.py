@@ -25,6 +25,13 @@ call of the same implementation, median over repeats:
               `dsmoe.calc.arch_stats`, where the attention term is for a query that sees `seq_len` keys, so a
               causal prefill does about half of it. The embedding lookup, norms and softmax are not counted.
 
+On CUDA (BenchConfig.device, `dsmoe bench --device cuda`) both models and every input live on the GPU, each
+timed call is bracketed by torch.cuda.synchronize, "peak memory" is the growth of torch.cuda.max_memory_allocated
+during the call (the key stays peak_rss_bytes; result["peak_memory"] says which), the matmul peak and the memory
+bandwidth are measured on the GPU, and each row also gets its MFU against the GPU's datasheet dense bf16 peak
+(`gpu_peaks`; forward: FLOPs above, train step: 3x) and decode its fraction of the datasheet HBM bandwidth for
+the bytes a step must read. This path is untested until scripts/gpu_check.sh has passed on a GPU.
+
 transformers is a test extra: it is imported here lazily, and `TransformersMissing` is raised without it.
 Library code: nothing is printed; progress goes to an optional callback.
 """
@@ -46,6 +53,7 @@ import torch.nn.functional as F
 
 from .calc import arch_stats
 from .checkpoint import load_pretrained
+from .device import resolve_device, synchronize
 
 # transformers.DeepseekV3Config keyword arguments: 91.6M parameters, 23.2M activated per token.
 MODEL = dict(
@@ -80,6 +88,7 @@ class BenchConfig:
     model: dict = field(default_factory=lambda: dict(MODEL))
     experts_implementations: tuple[str, ...] = ("grouped_mm", "eager")  # transformers candidates
     seed: int = 0
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
 
     @classmethod
     def quick(cls, **overrides) -> BenchConfig:
@@ -119,29 +128,70 @@ class PeakRSS:
         return seconds, (None if base is None else max(0, self._status("VmHWM") - base))
 
 
-def matmul_peak(dtype: torch.dtype, size: int, repeats: int) -> float:
+class CudaPeak:
+    """PeakRSS's interface for a CUDA device: seconds between two synchronisations, and the growth of
+    torch.cuda.max_memory_allocated during the call (the caching allocator's view: tensors, not the pool)."""
+
+    works = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def measure(self, fn: Callable[[], object]) -> tuple[float, int | None]:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        began = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - began
+        return seconds, max(0, torch.cuda.max_memory_allocated(self.device) - base)
+
+
+# Datasheet dense (no sparsity) bf16 tensor-core FLOP/s and HBM bytes/s, matched on the device name.
+GPU_PEAKS = {"H200": (989e12, 4.8e12), "H100 SXM": (989e12, 3.35e12), "H100 NVL": (835e12, 3.9e12),
+             "H100 PCIe": (756e12, 2.0e12), "H100": (989e12, 3.35e12), "A100-SXM4-80GB": (312e12, 2.04e12),
+             "A100": (312e12, 1.56e12), "L40S": (362e12, 0.864e12), "L4": (121e12, 0.3e12),
+             "A10G": (70e12, 0.6e12)}
+
+
+def gpu_peaks(device: torch.device) -> dict | None:
+    """{"name", "bf16_flops", "hbm_bytes_per_s"} from the datasheet table above (first key contained in the
+    device name), None on the CPU or for a GPU not in the table (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (flops, bandwidth) in GPU_PEAKS.items():
+        if key in name:
+            return {"name": name, "bf16_flops": flops, "hbm_bytes_per_s": bandwidth, "matched": key}
+    return {"name": name, "bf16_flops": None, "hbm_bytes_per_s": None, "matched": None}
+
+
+def matmul_peak(dtype: torch.dtype, size: int, repeats: int, device: torch.device = torch.device("cpu")) -> float:
     """FLOP/s of a (size x size) @ (size x size) matmul: the best of `repeats` after one warm-up (a peak,
     and the ceilings divide by it: an upper bound wants the fastest)."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), repeats)
+    a, b = torch.randn(size, size, device=device).to(dtype), torch.randn(size, size, device=device).to(dtype)
+    return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), repeats, device)
 
 
-def memory_bandwidth(repeats: int, mebibytes: float = 256) -> float:
+def memory_bandwidth(repeats: int, mebibytes: float = 256, device: torch.device = torch.device("cpu")) -> float:
     """Bytes/s read by an fp32 matrix-vector product over `mebibytes` MiB of matrix, the best of `repeats` after
     one warm-up: what a decode step reading that many bytes of weights is bound by. A matrix that fits the
     caches reads faster than memory (here: ~100 GB/s at 2 MB, ~50 at 75 MB, ~29 from 128 MB up)."""
     rows = max(1, int(mebibytes * 2**20) // (4 * 4096))
-    matrix, vector = torch.randn(rows, 4096), torch.randn(4096)
-    return matrix.numel() * 4 / _best_seconds(lambda: torch.mv(matrix, vector), repeats)
+    matrix, vector = torch.randn(rows, 4096, device=device), torch.randn(4096, device=device)
+    return matrix.numel() * 4 / _best_seconds(lambda: torch.mv(matrix, vector), repeats, device)
 
 
-def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """The fastest of `repeats` timed calls of fn, after one untimed warm-up call."""
+def _best_seconds(fn: Callable[[], object], repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """The fastest of `repeats` timed calls of fn, after one untimed warm-up call (synchronised on CUDA)."""
     fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         began = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - began)
     return min(times)
 
@@ -292,7 +342,8 @@ def _row(kind: str, dtype: str, batch: int, tokens_per_call: int, shape: str, m:
 def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
     """Every measurement of the module docstring; returns one JSON-serialisable dict."""
     progress = progress or (lambda what, done, total: None)
-    meter = PeakRSS()
+    device = resolve_device(cfg.device, allow_meta=False)
+    meter = CudaPeak(device) if device.type == "cuda" else PeakRSS()
     per_dtype = 2 + len(cfg.decode_shapes)
     total, done = 1 + len(cfg.dtypes) * (1 + per_dtype * cfg.repeats), 0
 
@@ -306,7 +357,8 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
     progress("building the model", 0, total)
     with tempfile.TemporaryDirectory(prefix="dsmoe-bench-") as tmp:
         hf32 = build_checkpoint(Path(tmp), cfg.model, cfg.seed)
-        models = {name: (load_pretrained(tmp, dtype=DTYPES[name]),
+        hf32 = hf32.to(device)
+        models = {name: (load_pretrained(tmp, dtype=DTYPES[name], device=device),
                          hf32 if name == "fp32" else _cast(hf32, DTYPES[name])) for name in cfg.dtypes}
     tick("model built")()
     ours_config = next(iter(models.values()))[0].config
@@ -314,12 +366,14 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
     B, T = cfg.batch_size, cfg.seq_len
     fwd_flops = B * T * (stats.matmul_flops_per_token + stats.attention_flops_per_token / 2)
     gen = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(0, cfg.model["vocab_size"], (B, T), generator=gen)
+    ids = torch.randint(0, cfg.model["vocab_size"], (B, T), generator=gen).to(device)
+    peaks = gpu_peaks(device)
 
     result: dict = {
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                     "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
-                    "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")},
+                    "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                    "device": str(device), "gpu": peaks, "cuda": torch.version.cuda},
         "config": {"batch_size": B, "seq_len": T, "decode_shapes": [list(s) for s in cfg.decode_shapes],
                    "new_tokens": cfg.new_tokens, "repeats": cfg.repeats, "dtypes": list(cfg.dtypes),
                    "bandwidth_mebibytes": cfg.bandwidth_mebibytes},
@@ -327,15 +381,16 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
                   "activated_params": stats.activated_params, "forward_flops": fwd_flops,
                   "flops_definition": "B*T*(matmul_flops_per_token + attention_flops_per_token(context=T)/2)"},
         "peak_rss_measured": meter.works,
+        "peak_memory": "cuda max_memory_allocated growth" if device.type == "cuda" else "process peak RSS growth",
         "matmul_peak_flops": {}, "experts_implementation": {}, "rows": [], "parity": {},
     }
     progress("memory bandwidth", done, total)
-    result["memory_bandwidth_bytes_per_s"] = memory_bandwidth(cfg.matmul_repeats, cfg.bandwidth_mebibytes)
+    result["memory_bandwidth_bytes_per_s"] = memory_bandwidth(cfg.matmul_repeats, cfg.bandwidth_mebibytes, device)
     for dname in cfg.dtypes:
         ours, hf = models[dname]
         dtype = DTYPES[dname]
         progress(f"{dname}: matmul peak", done, total)
-        result["matmul_peak_flops"][dname] = matmul_peak(dtype, cfg.matmul_size, cfg.matmul_repeats)
+        result["matmul_peak_flops"][dname] = matmul_peak(dtype, cfg.matmul_size, cfg.matmul_repeats, device)
 
         with torch.no_grad():
             a, b = ours(ids), hf(ids, use_cache=False).logits.float()
@@ -356,7 +411,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
 
         what = f"{dname}: forward {B}x{T}"
         fns = _forward_fns(ours, hf, ids)
-        experts = {"forward": _pick_experts_impl(hf, fns["transformers"], cfg.experts_implementations)}
+        experts = {"forward": _pick_experts_impl(hf, fns["transformers"], cfg.experts_implementations, device)}
         m = interleaved(fns, cfg.repeats, meter, tick(what))
         row = _row("forward", dname, B, B * T, f"{B}x{T}", m)
         row["dsmoe_flops_per_s"] = fwd_flops / m["dsmoe"]["seconds"]
@@ -364,15 +419,19 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
         row["dsmoe_peak_fraction"] = row["dsmoe_flops_per_s"] / result["matmul_peak_flops"][dname]
         row["transformers_peak_fraction"] = row["transformers_flops_per_s"] / result["matmul_peak_flops"][dname]
         row["ceiling"] = 1 / row["transformers_peak_fraction"]
+        if peaks and peaks["bf16_flops"]:
+            row["dsmoe_mfu_bf16_peak"] = row["dsmoe_flops_per_s"] / peaks["bf16_flops"]
         result["rows"].append(row)
 
         what = f"{dname}: train step {B}x{T}"
         fns = _train_fns(ours, hf, ids)
         progress(what + " (choosing the transformers experts implementation)", done, total)
-        experts["train"] = _pick_experts_impl(hf, fns["transformers"], cfg.experts_implementations)
+        experts["train"] = _pick_experts_impl(hf, fns["transformers"], cfg.experts_implementations, device)
         m = interleaved(fns, cfg.repeats, meter, tick(what))
         row = _row("train", dname, B, B * T, f"{B}x{T}", m)
         row["ceiling"] = m["transformers"]["seconds"] * result["matmul_peak_flops"][dname] / (3 * fwd_flops)
+        if peaks and peaks["bf16_flops"]:
+            row["dsmoe_mfu_bf16_peak"] = 3 * fwd_flops / m["dsmoe"]["seconds"] / peaks["bf16_flops"]
         result["rows"].append(row)
         if experts["forward"]["chosen"] is not None:
             hf.set_experts_implementation(experts["forward"]["chosen"])  # decode: the forward's choice
@@ -382,7 +441,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
         for batch, context in cfg.decode_shapes:
             what = f"{dname}: decode batch {batch} context {context}"
             progress(what + " (prefill)", done, total)
-            prompt = torch.randint(0, cfg.model["vocab_size"], (batch, context), generator=gen)
+            prompt = torch.randint(0, cfg.model["vocab_size"], (batch, context), generator=gen).to(device)
             dec = _Decoder(ours, hf, prompt, cfg.new_tokens)
             m = interleaved({"dsmoe": dec.dsmoe, "transformers": dec.transformers}, cfg.repeats, meter, tick(what))
             row = _row("decode", dname, batch, batch * cfg.new_tokens, f"{batch}x{context}+{cfg.new_tokens}", m)
@@ -390,7 +449,10 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
             row["step_bytes"] = least
             # Best of 10: a working set near the cache size reads at memory or cache speed from run to run,
             # and a ceiling wants the fastest.
-            row["step_bandwidth_bytes_per_s"] = memory_bandwidth(max(10, cfg.matmul_repeats), least / 2**20)
+            row["step_bandwidth_bytes_per_s"] = memory_bandwidth(max(10, cfg.matmul_repeats), least / 2**20, device)
+            if peaks and peaks["hbm_bytes_per_s"]:  # bytes a step must read / step time, against the datasheet HBM
+                step_s = m["dsmoe"]["seconds"] / cfg.new_tokens
+                row["dsmoe_hbm_fraction"] = least / step_s / peaks["hbm_bytes_per_s"]
             row["ceiling"] = m["transformers"]["seconds"] * row["step_bandwidth_bytes_per_s"] / (cfg.new_tokens * least)
             result["rows"].append(row)
             same = (dec.tokens["dsmoe"] == dec.tokens["transformers"]) & (dec.first == dec.hf_first)[:, None]
@@ -411,7 +473,8 @@ def _cast(hf32, dtype: torch.dtype):
     return copy.deepcopy(hf32).to(dtype)
 
 
-def _pick_experts_impl(hf, fn: Callable[[], object], candidates: Sequence[str]) -> dict:
+def _pick_experts_impl(hf, fn: Callable[[], object], candidates: Sequence[str],
+                       device: torch.device = torch.device("cpu")) -> dict:
     """Time fn once (after a warm-up) per transformers experts implementation; set and report the fastest."""
     if not hasattr(hf, "set_experts_implementation"):
         return {"chosen": None, "seconds": {}}
@@ -422,8 +485,10 @@ def _pick_experts_impl(hf, fn: Callable[[], object], candidates: Sequence[str]) 
         except (ValueError, KeyError, ImportError):
             continue
         fn()
+        synchronize(device)
         began = time.perf_counter()
         fn()
+        synchronize(device)
         timed[impl] = time.perf_counter() - began
     chosen = min(timed, key=timed.get)
     hf.set_experts_implementation(chosen)

@@ -4,6 +4,14 @@ speculative decoding with DeepSeek-V3's MTP module as the drafter.
 Prompts of different lengths are left-padded into one batch; the model gives each row's real tokens the
 positions they would have alone and masks the padding (Transformer.positions_and_mask), so a batched
 row decodes the same tokens as that prompt alone.
+
+Devices: every tensor made here (prompt batch, pad counts, stop ids, finished-row flags, the sampling
+generator) lives on the model's device (that of its embedding). Host synchronisations left in the plain
+decode loop on CUDA: the finished-rows test `done.all()` after each step, only when stop ids are given
+(to end the stream early), and whatever the consumer does with the yielded tokens (`.tolist()`).
+The prompt check (check_input: id range) syncs once before the loop. Speculative decoding syncs once per
+step by nature (whether the draft was accepted decides the next step's shape). Seeded sampling draws from a
+generator on the model's device, so the same seed gives different (each reproducible) samples on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -107,16 +115,21 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
            speculative: bool = False, stats: GenerationStats | None = None,
-           sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+           sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           cuda_graph: bool = False) -> Iterator[torch.Tensor]:
     """Yield new tokens as they are decided: (B, n) per step (n = 1, or 2 when a draft is accepted).
     Rows that have emitted EOS yield their EOS id again as padding; the stream ends when every row has
     finished or max_new_tokens were produced.
 
     sync: applied to each sampled token batch, e.g. a broadcast from rank 0 when experts are sharded, so
     that every rank feeds the same tokens (and runs the same collectives) at every step.
+    cuda_graph: decode steps replayed from a CUDA graph captured once for this batch (dsmoe.decode_graph;
+    CUDA, bf16 MoE weights; ValueError otherwise). Untested until scripts/gpu_check.sh passes on a GPU.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
+    device = model.embed.weight.device
     ids, pad = _batch_prompts(input_ids)
+    ids, pad = ids.to(device), None if pad is None else pad.to(device)
     model.check_input(ids, 0)
     B, T = ids.shape
     capacity = T + max_new_tokens  # speculative steps never write past the last emitted token's slot either
@@ -124,19 +137,25 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
         raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     eos = _eos_set(eos_token_id)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    eos = None if eos is None else eos.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens += int(ids.numel() - (0 if pad is None else pad.sum()))
     began = time.perf_counter()
     if max_new_tokens == 0:
         return
     if speculative:
+        if cuda_graph:
+            raise ValueError("speculative decoding does not use CUDA graphs: pass one of speculative / cuda_graph")
         if sync is not None:
             raise ValueError("speculative decoding is not supported with sharded experts")
         steps = _speculative(model, ids, max_new_tokens, capacity, stats)
     else:
-        steps = _plain(model, ids, pad, max_new_tokens, capacity, temperature, top_k, top_p, generator, sync)
-    done = torch.zeros(B, dtype=torch.bool)
+        if cuda_graph and sync is not None:
+            raise ValueError("CUDA graph decoding is not supported with sharded experts (collectives per step)")
+        steps = _plain(model, ids, pad, max_new_tokens, capacity, temperature, top_k, top_p, generator, sync,
+                       cuda_graph)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     produced = 0
     for tokens in steps:  # (B, n)
         tokens = tokens[:, : max_new_tokens - produced]
@@ -150,15 +169,20 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
         stats.new_tokens += tokens.shape[1] * B
         stats.seconds = time.perf_counter() - began
         yield tokens
-        if produced >= max_new_tokens or bool(done.all()):
+        if produced >= max_new_tokens or (eos is not None and bool(done.all())):  # the one sync per step
             return
 
 
 def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_new_tokens: int, capacity: int,
            temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
-           sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+           sync: Callable[[torch.Tensor], torch.Tensor] | None = None, cuda_graph: bool = False
+           ) -> Iterator[torch.Tensor]:
     B, T = ids.shape
     cache = model.make_cache(B, capacity)
+    graphed = None
+    if cuda_graph:  # checked before the prefill: a refusal costs nothing
+        from .decode_graph import CUDAGraphDecodeStep
+        graphed = CUDAGraphDecodeStep(model, cache, pad)
     # Prefill in one forward; only the last position's logits are needed (the head is ~20% of a prefill).
     # stream() validated the prompt; sampled tokens are in the vocabulary: no per-step id checks below.
     logits = model.head(model.hidden_states(ids, cache, pad=pad, check=False)[:, -1]).float()
@@ -168,7 +192,10 @@ def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_
             token = sync(token)
         yield token[:, None]
         if step + 1 < max_new_tokens:
-            logits = model(token[:, None], cache=cache, start=T + step, pad=pad, check=False)[:, -1]
+            if graphed is not None:
+                logits = graphed(token, T + step)  # the graph's output buffer: sampled before the next replay
+            else:
+                logits = model(token[:, None], cache=cache, start=T + step, pad=pad, check=False)[:, -1]
 
 
 def _speculative(model: Transformer, ids: torch.Tensor, max_new_tokens: int, capacity: int,
@@ -218,21 +245,25 @@ def _speculative(model: Transformer, ids: torch.Tensor, max_new_tokens: int, cap
 def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
-             speculative: bool = False, stats: GenerationStats | None = None) -> torch.Tensor | list[list[int]]:
+             speculative: bool = False, stats: GenerationStats | None = None,
+             cuda_graph: bool = False) -> torch.Tensor | list[list[int]]:
     """Prompts followed by their new tokens.
 
     input_ids: a (B, T) LongTensor -> a (B, T + n) tensor, rows that hit EOS padded with EOS after it;
     or a list of token lists (lengths may differ) -> a list of lists, each ending at its EOS if it met one.
     Greedy when temperature is 0; otherwise sampling with optional top-k / top-p, reproducible with seed.
+    Runs on the model's device; a prompt tensor may be on any device.
     speculative: greedy decoding with the MTP module as drafter (same output as plain greedy).
+    cuda_graph: replay decode steps from a CUDA graph (see stream).
     """
     if speculative and temperature != 0:
         raise ValueError("speculative decoding is greedy only: use temperature=0")
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-                      speculative, stats))
-    out = torch.cat([torch.zeros(len(input_ids), 0, dtype=torch.long), *new], dim=1)
-    if isinstance(input_ids, torch.Tensor):
-        return torch.cat((input_ids.long(), out), dim=1)
+                      speculative, stats, cuda_graph=cuda_graph))
+    device = model.embed.weight.device
+    out = torch.cat([torch.zeros(len(input_ids), 0, dtype=torch.long, device=device), *new], dim=1)
+    if isinstance(input_ids, torch.Tensor):  # returned on the device the prompt came on
+        return torch.cat((input_ids.long(), out.to(input_ids.device)), dim=1)
     stops = _eos_set(eos_token_id)
     eos = set() if stops is None else set(stops.tolist())
     result = []

@@ -5,6 +5,12 @@ shape (FP8 weights with their block scales), and nothing unexpected may be prese
 tensors read, converted (dequantised, stacked per expert, cast) into a fresh state dict and assigned
 into a model built on the meta device, so a load holds one copy of the weights and a failed load
 returns nothing half-built.
+
+Each tensor is read with plain file reads (checkpoint/stream.py) into its final place on the target
+device: straight into the parameter's buffer when it is a CPU tensor of the stored dtype, else through a
+one-tensor staging buffer; stacked experts are written into one preallocated tensor, FP8 weights are
+dequantised on the device. No memory map of a shard outlives the load, and the peak during a load is the
+model plus about one tensor (tests/test_load_device.py measures it).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..device import resolve_device
 from ..files import atomic_write_text
 from ..model import Transformer
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPES, dequantize_blockwise, scale_shape
@@ -23,31 +30,38 @@ from .generation_config import (GenerationConfig, generation_config_from_model_c
 from .names import (MTP_SHARED_COPIES, checkpoint_has_mtp, hf_names, is_ignored_hf_name, mtp_layer,
                     mtp_layer_indices)
 from .shards import INDEX_NAME, SINGLE_NAME, CheckpointError, ShardReader, parse_size, write_shards
+from .stream import ST_DTYPES, Staging, TensorFile
 
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _ALWAYS_FP32 = (".ffn.gate.bias",  # V3's correction bias: tiny, and updates of 1e-3 vanish in bf16
                  ".indexer.weights_proj.weight")  # V3.2: transformers keeps it in fp32 too
 
 
-def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, strict: bool = False) -> Transformer:
+def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, strict: bool = False,
+                    device: str | torch.device | None = "cpu") -> Transformer:
     """Load a Hugging Face checkpoint directory (DeepSeek V1/V2/V3, Mixtral) into a `Transformer`.
 
     dtype: the parameters' dtype; None keeps the checkpoint's (that of its embedding; FP8 weights are
     dequantised to it). DeepSeek-V3's MTP modules are loaded when the checkpoint holds them (a
-    transformers export does not). The model is returned in eval mode on the CPU.
+    transformers export does not). The model is returned in eval mode on `device`.
+    device: "cpu" (default), "cuda", "cuda:N", "auto" (CUDA if available) or "meta" (every check of the
+    checkpoint runs, no weight is read: parameters of the right shapes and dtypes on the meta device).
+    Each tensor goes to the device as it is read; a bad or unavailable device is a ValueError naming it,
+    raised before anything is read.
     strict: refuse (ValueError) instead of warning about config.json keys that look misspelled
     (ModelConfig.from_hf).
     The directory's generation_config.json (token ids, sampling defaults) is read first and attached as
     `model.generation_config` (a GenerationConfig), None when the checkpoint has none; save_pretrained
     writes it back.
     """
+    device = resolve_device(device)
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such model directory")
     config = ModelConfig.from_hf(directory, strict=strict)
     generation_config = read_generation_config(directory)
     try:
-        model = _load(directory, config, dtype)
+        model = _load(directory, config, dtype, device)
     except CheckpointError as err:
         typos = config._hf_source.typos
         if not typos:
@@ -59,8 +73,8 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, str
     return model.eval()
 
 
-def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None) -> Transformer:
-    """The weights of `directory` into a model of `config` (see load_pretrained)."""
+def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None, device: torch.device) -> Transformer:
+    """The weights of `directory` into a model of `config` on `device` (see load_pretrained)."""
     block = _fp8_block(config)
     with ShardReader(directory) as reader:
         with_mtp = checkpoint_has_mtp(config, set(reader.names()))
@@ -71,16 +85,34 @@ def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None) -> Tr
         plan = _plan(config, reader, expected, block, with_mtp)
         if dtype is None:
             dtype = _checkpoint_dtype(reader)
-        state = {}
-        for ours, sources in plan.items():
-            target = torch.float32 if ours.endswith(_ALWAYS_FP32) else dtype
-            parts = [_read(reader, hf, target, block) for hf in sources]
-            state[ours] = parts[0] if len(parts) == 1 and expected[ours].ndim == parts[0].ndim else torch.stack(parts)
+        files = {} if device.type == "meta" else {f: TensorFile(reader.directory / f)
+                                                  for f in sorted(set(reader.file_of.values()))}
+        staging = Staging(pin=device.type == "cuda")
+        try:
+            state = {}
+            for ours, sources in plan.items():
+                target = torch.float32 if ours.endswith(_ALWAYS_FP32) else dtype
+                out = torch.empty(expected[ours].shape, dtype=target, device=device)
+                if device.type != "meta":
+                    # one part of the same rank is the tensor itself; else parts are stacked along dim 0
+                    stacked = not (len(sources) == 1 and len(reader.shape(sources[0])) == out.ndim)
+                    for e, hf in enumerate(sources):
+                        _read(reader, files, hf, out[e] if stacked else out, block, staging)
+                state[ours] = out
+        finally:
+            for f in files.values():
+                f.close()
     if config.tie_word_embeddings:
         state["head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.head.weight = model.embed.weight
+    # non-persistent buffers (the rope tables) were built on the CPU beside the meta parameters
+    if device.type != "meta":
+        for module in model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.device != device:
+                    setattr(module, name, buf.to(device))
     return model
 
 
@@ -186,19 +218,38 @@ def _check_tensor(reader: ShardReader, hf: str, shape: tuple[int, ...], present:
         raise CheckpointError(f"tensor {hf!r} in {where} has dtype {kind}, expected a floating-point type")
 
 
-def _read(reader: ShardReader, hf: str, dtype: torch.dtype, block: tuple[int, int]) -> torch.Tensor:
-    t = reader.get(hf)
+def _read(reader: ShardReader, files: dict[str, TensorFile], hf: str, out: torch.Tensor,
+          block: tuple[int, int], staging: Staging) -> None:
+    """Tensor `hf` into `out` (its final place: device and dtype), dequantising FP8 on out's device;
+    tensors that need a cast or a move go through `staging`, one at a time."""
+    file = files[reader.file_of[hf]]
     where = reader.directory / reader.file_of[hf]
-    if reader.dtype(hf) in FP8_DTYPES:
+    kind = reader.dtype(hf)
+    if kind in FP8_DTYPES:
+        scale = files[reader.file_of[hf + "_scale_inv"]].read(hf + "_scale_inv").to(out.device)
+        out.copy_(dequantize_blockwise(file.read(hf, staging).to(out.device), scale, out.dtype, block))
         # checked after dequantisation: an FP8 NaN code or an inf / NaN in the block scales both end up here
-        t = dequantize_blockwise(t, reader.get(hf + "_scale_inv"), dtype, block)
-        if not torch.isfinite(t).all():
+        if not _all_finite(out):
             raise CheckpointError(f"FP8 tensor {hf!r} in {where} dequantises to NaN or inf values "
                                   f"(check it and {hf + '_scale_inv'!r})")
-        return t
-    if not torch.isfinite(t).all():
-        raise CheckpointError(f"tensor {hf!r} in {where} holds NaN or inf values")
-    return t.to(dtype)
+        return
+    if out.device.type == "cpu" and out.dtype == ST_DTYPES[kind] and out.is_contiguous():
+        file.read_into(hf, out)  # no staging copy at all
+    else:
+        out.copy_(file.read(hf, staging))  # staged on the CPU, cast (and moved) by the copy
+    if not _all_finite(out):
+        # a cast to fp16 can also overflow to inf: equally unusable
+        raise CheckpointError(f"tensor {hf!r} in {where} holds NaN or inf values"
+                              + (f" (after conversion to {out.dtype})" if out.dtype != ST_DTYPES[kind] else ""))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN / inf in t, without a full-size temporary: any NaN or inf makes the fp32-accumulated sum of
+    its chunk non-finite (real weights never sum past fp32's range, 3.4e38); chunks of 2^20 elements keep
+    the cast a reduced-precision sum may make small. One host synchronisation per tensor."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    sums = torch.stack([c.sum(dtype=acc) for c in t.reshape(-1).split(1 << 20)]) if t.numel() else t.new_zeros(1, dtype=acc)
+    return bool(torch.isfinite(sums).all())
 
 
 def _checkpoint_dtype(reader: ShardReader) -> torch.dtype:

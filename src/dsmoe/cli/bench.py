@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..calc import format_bytes, format_count
-from .common import CLIError, _positive_int
+from .common import CLIError, _positive_int, add_device_argument, resolve_device
 
 # ---------------------------------------------------------------------------------------------- bench
 
@@ -25,6 +25,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
                    help="timed rounds per measurement (default 3, --quick 2)")
     p.add_argument("--new-tokens", type=_positive_int, default=8, metavar="N", help="decode steps timed")
+    add_device_argument(p)
     p.set_defaults(run=_run_bench)
 
 
@@ -35,7 +36,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     from ..bench import BenchConfig, TransformersMissing, run_bench
 
     dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)
-    overrides = dict(dtypes=dtypes, seq_len=args.seq_len, batch_size=args.batch_size, new_tokens=args.new_tokens)
+    device = resolve_device(args.device)
+    overrides = dict(device=str(device), dtypes=dtypes, seq_len=args.seq_len, batch_size=args.batch_size, new_tokens=args.new_tokens)
     if args.repeats is not None:
         overrides["repeats"] = args.repeats
     cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
@@ -101,6 +103,17 @@ def _print_bench(result: dict) -> None:
         if r["measurement"] == "decode":
             console.print(f"{r['dtype']} decode {r['shape']}: a step reads at least {format_bytes(r['step_bytes'])}, "
                           f"{r['step_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s over a matrix of that size")
+    gpu = mach.get("gpu")
+    if gpu:
+        console.print(f"GPU {gpu['name']}: datasheet bf16 {(gpu['bf16_flops'] or 0) / 1e12:.0f} TFLOP/s, HBM "
+                      f"{(gpu['hbm_bytes_per_s'] or 0) / 1e12:.2f} TB/s ({gpu['matched'] or 'not in the table'})")
+    for r in result["rows"]:
+        if "dsmoe_mfu_bf16_peak" in r:
+            console.print(f"{r['dtype']} {r['measurement']} {r['shape']}: dsmoe MFU {100 * r['dsmoe_mfu_bf16_peak']:.1f}% "
+                          "of the GPU's bf16 peak")
+        if "dsmoe_hbm_fraction" in r:
+            console.print(f"{r['dtype']} decode {r['shape']}: dsmoe reads {100 * r['dsmoe_hbm_fraction']:.1f}% of the "
+                          "HBM bandwidth bound (least bytes a step must read / step time)")
     console.print("ceiling = the best ratio possible against transformers' time on this machine: forward / train "
                   "FLOPs at the matmul peak, decode step bytes at the bandwidth above")
     for t in result["targets"]:

@@ -83,3 +83,29 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def _count(n: int) -> str:
     return f"{format_count(n)}  ({n:,})"
+
+
+# ---------------------------------------------------------------------------------------------- devices
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """--device cpu|cuda|cuda:N|auto (default auto: cuda if available, else cpu); read it with resolve_device."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="cpu, cuda, cuda:N or auto (default: auto = cuda if available, else cpu)")
+
+
+def resolve_device(text: str, local_rank: int | None = None):
+    """--device's text -> torch.device; CLIError (one line) for an unknown device or CUDA without CUDA.
+
+    local_rank: under torchrun, a bare `cuda` (or `auto` picking CUDA) becomes cuda:LOCAL_RANK, one GPU per
+    local rank; an explicit cuda:N is kept as given."""
+    import torch
+
+    from ..device import resolve_device as _resolve
+
+    try:
+        device = _resolve(text, allow_meta=False)
+    except ValueError as err:
+        raise CLIError(f"--device: {err}") from None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank or 0)
+    return device

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import DTYPES, CLIError, _non_negative_float, _positive_int
+from .common import DTYPES, CLIError, _non_negative_float, _positive_int, add_device_argument, resolve_device
 
 # ---------------------------------------------------------------------------------------------- generate
 
@@ -36,6 +36,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--ep", type=_positive_int, default=1, metavar="N",
                    help="shard the routed experts over N processes (launch with torchrun --nproc_per_node N)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay decode steps from a CUDA graph (CUDA, bf16; untested until scripts/gpu_check.sh passes)")
+    add_device_argument(p)
     p.set_defaults(run=_run_generate)
 
 
@@ -56,10 +59,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     directory = Path(args.model)
     if not directory.is_dir():
         raise CLIError(f"{directory}: no such model directory")
+    # under torchrun each process takes the GPU of its local rank; NCCL then carries the collectives
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     tokenizer = load_tokenizer(directory)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    model = load_pretrained(directory, dtype=dtype)
-    info = parallel.init_distributed(args.ep, model.config.n_routed_experts)
+    model = load_pretrained(directory, dtype=dtype, device=device)
+    info = parallel.init_distributed(args.ep, model.config.n_routed_experts,
+                                     backend="nccl" if device.type == "cuda" else "gloo")
     sync = None
     if info.ep_size > 1:  # pure data-parallel replicas (no --ep) just generate the same text independently
         parallel.shard_experts(model, info)
@@ -90,7 +96,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     new: list[int] = []
     shown = ""
     for tokens in stream(model, torch.tensor([ids]), max_new, temperature, top_k, top_p, eos, args.seed,
-                         args.speculative, stats, sync):
+                         args.speculative, stats, sync, cuda_graph=args.cuda_graph):
         new += tokens[0].tolist()
         # Decode everything so far and print the new suffix: byte-level BPE tokens can split a
         # multi-byte character, which decodes to U+FFFD until its last byte arrives.

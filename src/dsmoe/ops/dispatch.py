@@ -58,7 +58,7 @@ def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
     T, K = indices.shape
     E = w1.shape[0]
     autograd = torch.is_grad_enabled() and any(w.requires_grad for w in (x, weights, w1, w2, w3))
-    if T == 1 and not autograd:
+    if T == 1 and not autograd and x.device.type == "cpu":  # on CUDA its .tolist() calls would sync the host
         return _one_token(x, indices, weights, w1, w2, w3, keep)
     flat = indices.reshape(-1).long()  # (T*K,)
     if keep is not None:

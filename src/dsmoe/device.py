@@ -1,0 +1,51 @@
+"""Device names: `cpu`, `cuda`, `cuda:N`, `meta` and `auto` (CUDA when one is usable, else the CPU).
+
+One parser for the library (load_pretrained's `device=`) and the command line (`--device`), so both
+refuse the same things with the same message: an unknown device type, a CUDA index the machine does not
+have, or CUDA asked for on a torch build or machine without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE_CHOICES = "cpu, cuda, cuda:N, meta or auto"
+
+
+def resolve_device(device: str | torch.device | None, allow_meta: bool = True) -> torch.device:
+    """'auto' / None -> cuda (the current CUDA device) if torch.cuda.is_available(), else cpu; 'cpu',
+    'cuda', 'cuda:N', 'meta' (allow_meta) -> that torch.device, checked to exist.
+
+    Raises ValueError naming the text for anything else: a misspelling, a device type dsmoe does not run on
+    (mps, xla, ...), CUDA on a machine or torch build without it, or cuda:N past torch.cuda.device_count().
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    text = device if isinstance(device, str) else str(device)
+    choices = DEVICE_CHOICES if allow_meta else "cpu, cuda, cuda:N or auto"
+    try:
+        dev = torch.device(text.strip().lower()) if isinstance(device, str) else device
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {text!r} (expected {choices})") from None
+    allowed = ("cpu", "cuda", "meta") if allow_meta else ("cpu", "cuda")
+    if dev.type not in allowed:
+        raise ValueError(f"unsupported device {text!r} (expected {choices})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {text!r} requested but {why} (use --device cpu or auto)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {text!r} requested but only {count} CUDA device(s) exist (cuda:0..cuda:{count - 1})")
+    if dev.type == "cpu":
+        return torch.device("cpu")  # 'cpu:0' and 'cpu' are the same place
+    return dev
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels on `device` (CUDA); a no-op on the CPU. For timing only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = ["DEVICE_CHOICES", "resolve_device", "synchronize"]

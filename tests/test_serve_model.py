@@ -157,7 +157,8 @@ def test_serial_fallback_engine(model_dir, served):
     from dsmoe.serve.serial import SerialEngine
 
     _, model, tok, _ = served
-    engine = SerialEngine(model, max_waiting=2)
+    # room for all three clients in the queue: on a busy machine they can all arrive before the first runs
+    engine = SerialEngine(model, max_waiting=3)
     app = create_app(engine, tok, "tiny", eos_token_ids=[tok.token_to_id("<|endoftext|>")])
     prompts = ["def add", "for i in", "class Po"]
     results: dict = {}
@@ -172,6 +173,8 @@ def test_serial_fallback_engine(model_dir, served):
     # the queue: one running, max_waiting queued, then EngineOverloaded; aborts end both with "abort"
     from dsmoe.serve.protocol import EngineOverloaded, SamplingParams
 
+    engine.shutdown(drain=True)
+    engine = SerialEngine(model, max_waiting=2)
     events: dict = {"a": [], "b": []}
     params = SamplingParams(max_tokens=200, ignore_eos=True)
     engine.submit("a", [5, 6], params, events["a"].append)

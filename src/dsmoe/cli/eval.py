@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import DTYPES, CLIError, _positive_int
+from .common import DTYPES, CLIError, _positive_int, add_device_argument, resolve_device
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                         "(default and at most: --seq-len - 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="(default: fp32)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    add_device_argument(p)
     p.set_defaults(run=_run_eval)
 
 
@@ -39,10 +40,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if not args.model.is_dir():
         raise CLIError(f"--model {args.model}: no such model directory")
+    device = resolve_device(args.device)
     try:
         tok = tokenizer.load_tokenizer(args.model)
         docs = data.load_corpus(args.data)
-        model = load_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+        model = load_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]), device=device)
         eos, bos, _ = checkpoint_token_ids(args.model, model.config, tok)
         ids = data.encode_corpus(docs, tok, eos, bos_id=bos).tokens
     except data.DataError as err:

@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .common import DTYPES, CLIError, _positive_int
+from .common import DTYPES, CLIError, _positive_int, add_device_argument, resolve_device
 
 
 def _port(text: str) -> int:
@@ -43,6 +43,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter dtype (default: the checkpoint's)")
+    add_device_argument(p)
     p.add_argument("--speculative", action="store_true",
                    help="decode greedy requests with the MTP module drafting one token ahead (DeepSeek-V3); "
                         "the same tokens as plain greedy decoding")
@@ -77,6 +78,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         except ValueError:
             raise CLIError(f"--cache-memory: cannot read {args.cache_memory!r} (use e.g. 2GiB, 512MB)") from None
     _check_port(args.host, args.port)
+    device = resolve_device(args.device)
 
     import torch
     import uvicorn
@@ -87,7 +89,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from ..serve.engines import make_engine
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    model = load_pretrained(directory, dtype=dtype)
+    model = load_pretrained(directory, dtype=dtype, device=device)
     assets = load_text_assets(directory, model.config)
     engine, kind = make_engine(model, cache_bytes=cache_bytes, max_running=args.max_running,
                                max_waiting=args.max_waiting, speculative=args.speculative)

@@ -64,7 +64,7 @@ class ThreadedEngine:
         """Load a checkpoint directory (dsmoe.load_pretrained) and serve it; kwargs as from_model."""
         from ..checkpoint import load_pretrained
 
-        return cls.from_model(load_pretrained(directory, dtype).to(device), **kwargs)
+        return cls.from_model(load_pretrained(directory, dtype, device=device), **kwargs)
 
     # --------------------------------------------------------------------------------- EngineLoop API
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

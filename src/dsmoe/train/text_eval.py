@@ -90,7 +90,7 @@ def evaluate_tokens(model: Transformer, ids: torch.Tensor, n_bytes: int, seq_len
     was_training = model.training
     model.eval()
     stride = seq_len if stride is None else stride
-    ids = ids.long()
+    ids = ids.long().to(model.embed.weight.device)  # the windows run where the model lives
     plan = windows(ids.numel(), seq_len, stride)
     main_layers = model.moe_layers()
     loads = [torch.zeros(moe.gate.n_experts, dtype=torch.long) for moe in main_layers]

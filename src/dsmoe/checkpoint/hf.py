@@ -17,11 +17,12 @@ import torch
 from ..config import ModelConfig
 from ..files import atomic_write_text
 from ..model import Transformer
+from ..model.v4 import V4Transformer
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPES, dequantize_blockwise, scale_shape
 from .generation_config import (GenerationConfig, generation_config_from_model_config, read_generation_config,
                                 write_generation_config)
 from .names import (MTP_SHARED_COPIES, checkpoint_has_mtp, hf_names, is_ignored_hf_name, mtp_layer,
-                    mtp_layer_indices)
+                    mtp_layer_indices, v4_alternatives, v4_hf_names)
 from .shards import INDEX_NAME, SINGLE_NAME, CheckpointError, ShardReader, parse_size, write_shards
 
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -62,18 +63,21 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, str
 def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None) -> Transformer:
     """The weights of `directory` into a model of `config` (see load_pretrained)."""
     block = _fp8_block(config)
+    v4 = config.model_type == "deepseek_v4"
     with ShardReader(directory) as reader:
-        with_mtp = checkpoint_has_mtp(config, set(reader.names()))
+        with_mtp = not v4 and checkpoint_has_mtp(config, set(reader.names()))
         with torch.device("meta"):
-            model = Transformer(config, with_mtp=with_mtp)
+            model = (V4Transformer if v4 else Transformer)(config, with_mtp=with_mtp)
         expected = {name: t for name, t in model.state_dict().items()
                     if not (config.tie_word_embeddings and name == "head.weight")}
         plan = _plan(config, reader, expected, block, with_mtp)
         if dtype is None:
-            dtype = _checkpoint_dtype(reader)
+            dtype = _checkpoint_dtype(reader, plan["embed.weight"][0])
         state = {}
         for ours, sources in plan.items():
             target = torch.float32 if ours.endswith(_ALWAYS_FP32) else dtype
+            if not expected[ours].is_floating_point():  # V4's hash table tid2eid
+                target = expected[ours].dtype
             parts = [_read(reader, hf, target, block) for hf in sources]
             state[ours] = parts[0] if len(parts) == 1 and expected[ours].ndim == parts[0].ndim else torch.stack(parts)
     if config.tie_word_embeddings:
@@ -110,7 +114,7 @@ def save_pretrained(model: Transformer, directory: str | Path, max_shard_size: i
             t = t.detach().cpu()
             if dtype is not None and t.is_floating_point() and not ours.endswith(_ALWAYS_FP32):
                 t = t.to(dtype)
-            names = hf_names(config, ours)
+            names = v4_hf_names(config, ours) if config.model_type == "deepseek_v4" else hf_names(config, ours)
             if len(names) == 1:
                 yield names[0], t.contiguous()
             else:  # stacked experts -> one tensor each; clone so shards share no storage
@@ -147,15 +151,19 @@ def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Te
     present = set(reader.names())
     plan: dict[str, list[str]] = {}
     missing: list[str] = []
+    v4 = config.model_type == "deepseek_v4"
     for ours, meta in expected.items():
-        names = hf_names(config, ours)
+        names = v4_hf_names(config, ours) if v4 else hf_names(config, ours)
+        if v4:  # the original DeepSeek layout spells them without `model.`
+            names = [hf if hf in present else next((a for a in v4_alternatives(hf) if a in present), hf)
+                     for hf in names]
         plan[ours] = names
         shape = tuple(meta.shape[1:]) if len(names) > 1 else tuple(meta.shape)
         for hf in names:
             if hf not in present:
                 missing.append(hf)
                 continue
-            _check_tensor(reader, hf, shape, present, block)
+            _check_tensor(reader, hf, shape, present, block, integer=not meta.is_floating_point())
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"{reader.directory}: missing tensor {', '.join(missing[:3])}{more}")
@@ -169,13 +177,16 @@ def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Te
 
 
 def _check_tensor(reader: ShardReader, hf: str, shape: tuple[int, ...], present: set[str],
-                  block: tuple[int, int]) -> None:
+                  block: tuple[int, int], integer: bool = False) -> None:
     where = reader.directory / reader.file_of[hf]
     got = reader.shape(hf)
     if got != shape:
         raise CheckpointError(f"tensor {hf!r} in {where} has shape {list(got)}, expected {list(shape)}")
     kind = reader.dtype(hf)
-    if kind in FP8_DTYPES:
+    if integer:
+        if kind not in ("I64", "I32", "I16", "U8", "I8"):
+            raise CheckpointError(f"tensor {hf!r} in {where} has dtype {kind}, expected an integer type")
+    elif kind in FP8_DTYPES:
         scale = hf + "_scale_inv"
         if scale not in present:
             raise CheckpointError(f"FP8 tensor {hf!r} in {where} has no {scale!r}")
@@ -196,13 +207,15 @@ def _read(reader: ShardReader, hf: str, dtype: torch.dtype, block: tuple[int, in
             raise CheckpointError(f"FP8 tensor {hf!r} in {where} dequantises to NaN or inf values "
                                   f"(check it and {hf + '_scale_inv'!r})")
         return t
+    if not t.is_floating_point():
+        return t.to(dtype)
     if not torch.isfinite(t).all():
         raise CheckpointError(f"tensor {hf!r} in {where} holds NaN or inf values")
     return t.to(dtype)
 
 
-def _checkpoint_dtype(reader: ShardReader) -> torch.dtype:
-    kind = reader.dtype("model.embed_tokens.weight")
+def _checkpoint_dtype(reader: ShardReader, embed: str = "model.embed_tokens.weight") -> torch.dtype:
+    kind = reader.dtype(embed)
     return _FLOAT_DTYPES.get(kind, torch.bfloat16)
 
 

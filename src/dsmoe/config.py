@@ -53,7 +53,9 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "rope_interleave": True},
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
     "deepseek_v32": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
-    "deepseek_v4": {"scoring_func": "sqrtsoftplus", "norm_topk_prob": True, "num_key_value_heads": 1},
+    # V4 files also carry topk_method "noaux_tc" (V3's bias-corrected top-k, which its router does)
+    "deepseek_v4": {"scoring_func": "sqrtsoftplus", "norm_topk_prob": True, "num_key_value_heads": 1,
+                    "topk_method": "noaux_tc"},
     "mixtral": {
         "scoring_func": "softmax",
         "topk_method": "greedy",

@@ -242,7 +242,6 @@ def _fresh(config: ModelConfig, style: str) -> dict[str, Any]:
     if model_type == "deepseek_v4" and style == "v5":
         from .config_v4 import rope_to_hf
 
-        out["rope_theta"] = config.rope_theta
         out["rope_parameters"] = rope_to_hf(config)
     elif style == "v5":
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}

@@ -49,6 +49,9 @@ def fill_v4_defaults(config: Any) -> None:
         config.partial_rotary_factor = DEFAULT_PARTIAL_ROTARY_FACTOR
     if config.swiglu_limit is None:
         config.swiglu_limit = 10.0
+    config.topk_method = "noaux_tc"  # V4's top-k router: V3's bias-corrected selection, one group
+    if config.rope_scaling is not None and config.rope_scaling.get("rope_type") == "yarn":
+        config.rope_scaling.setdefault("attention_factor", 1.0)  # the reference leaves cos/sin unscaled
     if config.sliding_window is None:
         config.sliding_window = 128
     if config.head_dim is None:

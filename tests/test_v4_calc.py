@@ -44,3 +44,15 @@ def test_kv_cache_per_layer_type_closed_form():
     # the point of the compression: far below V3's latent cache with as many layers, and MHA
     assert rows["total"].elements < rows["V3 MLA latent (576 / token / layer)"].elements / 4
     assert rows["MHA of the same heads"].elements / rows["total"].elements > 100
+
+
+def test_cli_info_shows_totals_and_cache_per_layer_type():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dsmoe", "info", "deepseek-v4-flash"], capture_output=True,
+                         text=True, check=True, env={**__import__("os").environ, "COLUMNS": "160"}).stdout
+    assert "284.3B" in out and "13.3B" in out
+    for label in ("sliding x2 layers", "CSA (m=4) x21 layers", "HCA (m=128) x20 layers", "V3 MLA latent",
+                  "MHA of the same heads", "@ 128K", "@ 1M"):
+        assert label in out, label

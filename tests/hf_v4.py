@@ -8,7 +8,7 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 
 BASE = dict(vocab_size=96, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
             head_dim=32, partial_rotary_factor=0.25, q_lora_rank=24, num_experts_per_tok=2, n_routed_experts=6,
-            sliding_window=8, o_groups=2, o_lora_rank=8, index_n_heads=2, index_head_dim=16, index_topk=3,
+            sliding_window=8, o_groups=2, o_lora_rank=8, index_n_heads=8, index_head_dim=16, index_topk=3,
             hc_mult=3, hc_sinkhorn_iters=5, max_position_embeddings=256, initializer_range=0.1,
             layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                          "compressed_sparse_attention"],

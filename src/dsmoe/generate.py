@@ -158,6 +158,12 @@ def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_
            temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
            sync: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     B, T = ids.shape
+    if pad is not None and model.config.model_type == "deepseek_v4":  # positional windows: one cache per row
+        from .generate_v4 import plain_rows
+
+        yield from plain_rows(model, ids, pad, max_new_tokens,
+                              lambda logits: sample(logits, temperature, top_k, top_p, generator), sync)
+        return
     cache = model.make_cache(B, capacity)
     # Prefill in one forward; only the last position's logits are needed (the head is ~20% of a prefill).
     # stream() validated the prompt; sampled tokens are in the vocabulary: no per-step id checks below.

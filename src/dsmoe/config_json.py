@@ -268,6 +268,8 @@ def config_to_hf(config: ModelConfig, style: str | None) -> dict[str, Any]:
                 out[key] = config.extra[key]
         elif key in fresh:
             out[key] = raw if fresh[key] == src.written.get(key, _MISSING) else fresh[key]
+        elif key == "rope_theta" and config.model_type == "deepseek_v4" and "rope_parameters" in fresh:
+            out[key] = config.rope_theta  # transformers' V4 files repeat the main base beside rope_parameters
         elif key not in ROPE_KEYS and key not in src.written:
             out[key] = raw  # accepted but not modelled: MLA's head_dim, another type's key at a harmless value
     for key, value in fresh.items():

@@ -111,7 +111,7 @@ class V4Transformer(nn.Module):
             else:
                 p.zero_()
         E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
-        for moe in self.moe_layers():
+        for moe in self.all_moe_layers():
             if moe.gate.hashed:
                 t = torch.arange(self.config.vocab_size)[:, None] + torch.arange(K)[None]
                 moe.gate.tid2eid.copy_(t % E)
@@ -119,6 +119,11 @@ class V4Transformer(nn.Module):
                 moe.gate.bias.zero_()
 
     def moe_layers(self, include_mtp: bool = False) -> list[V4MoE]:
+        """The routed (top-k) MoE layers: what balancing and load metrics act on. Hash layers pick experts by
+        a frozen table, so they have no router to balance (all_moe_layers lists them too)."""
+        return [b.ffn for b in self.layers if not b.ffn.gate.hashed]
+
+    def all_moe_layers(self) -> list[V4MoE]:
         return [b.ffn for b in self.layers]
 
     def check_input(self, input_ids: torch.Tensor, start_pos: int = 0) -> None:

@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from ..files import atomic_write_text
 from ..model import Transformer
 from ..model.v4 import V4Transformer
+from .fp4 import FP4_BLOCK, FP4_DTYPES, SCALE_DTYPES, dequantize_fp4, scale_names, scale_to_float
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPES, dequantize_blockwise, scale_shape
 from .generation_config import (GenerationConfig, generation_config_from_model_config, read_generation_config,
                                 write_generation_config)
@@ -180,14 +181,17 @@ def _check_tensor(reader: ShardReader, hf: str, shape: tuple[int, ...], present:
                   block: tuple[int, int], integer: bool = False) -> None:
     where = reader.directory / reader.file_of[hf]
     got = reader.shape(hf)
+    kind = reader.dtype(hf)
+    if not integer and kind in FP4_DTYPES and len(got) == 2 and len(shape) == 2:
+        _check_fp4(reader, hf, got, shape, present, where)  # V4's packed FP4 experts
+        return
     if got != shape:
         raise CheckpointError(f"tensor {hf!r} in {where} has shape {list(got)}, expected {list(shape)}")
-    kind = reader.dtype(hf)
     if integer:
         if kind not in ("I64", "I32", "I16", "U8", "I8"):
             raise CheckpointError(f"tensor {hf!r} in {where} has dtype {kind}, expected an integer type")
     elif kind in FP8_DTYPES:
-        scale = hf + "_scale_inv"
+        scale = next((n for n in scale_names(hf) if n in present), hf + "_scale_inv")
         if scale not in present:
             raise CheckpointError(f"FP8 tensor {hf!r} in {where} has no {scale!r}")
         if reader.shape(scale) != scale_shape(got, block):
@@ -197,12 +201,36 @@ def _check_tensor(reader: ShardReader, hf: str, shape: tuple[int, ...], present:
         raise CheckpointError(f"tensor {hf!r} in {where} has dtype {kind}, expected a floating-point type")
 
 
+def _check_fp4(reader: ShardReader, hf: str, got: tuple[int, ...], shape: tuple[int, ...], present: set[str],
+               where) -> None:
+    """A packed FP4 weight (M, N/2) for an (M, N) tensor, with its (M, N/32) UE8M0 scale."""
+    if got != (shape[0], shape[1] // 2) or shape[1] % FP4_BLOCK:
+        raise CheckpointError(f"tensor {hf!r} in {where} has shape {list(got)} ({reader.dtype(hf)}), expected "
+                              f"{list(shape)}, or {[shape[0], shape[1] // 2]} as packed FP4")
+    scale = next((n for n in scale_names(hf) if n in present), None)
+    if scale is None:
+        raise CheckpointError(f"FP4 tensor {hf!r} in {where} has no {scale_names(hf)[0]!r}")
+    want = (shape[0], shape[1] // FP4_BLOCK)
+    if reader.shape(scale) != want or reader.dtype(scale) not in SCALE_DTYPES:
+        raise CheckpointError(f"tensor {scale!r} has shape {list(reader.shape(scale))} ({reader.dtype(scale)}), "
+                              f"expected {list(want)} UE8M0 scales for 1x{FP4_BLOCK} blocks of FP4 {hf!r}")
+
+
+def _scale_of(reader: ShardReader, hf: str) -> torch.Tensor:
+    return scale_to_float(reader.get(next(n for n in scale_names(hf) if n in reader.file_of)))
+
+
 def _read(reader: ShardReader, hf: str, dtype: torch.dtype, block: tuple[int, int]) -> torch.Tensor:
     t = reader.get(hf)
     where = reader.directory / reader.file_of[hf]
+    if dtype.is_floating_point and reader.dtype(hf) in FP4_DTYPES:
+        t = dequantize_fp4(t, _scale_of(reader, hf), dtype)
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"FP4 tensor {hf!r} in {where} dequantises to NaN or inf values (check its scale)")
+        return t
     if reader.dtype(hf) in FP8_DTYPES:
         # checked after dequantisation: an FP8 NaN code or an inf / NaN in the block scales both end up here
-        t = dequantize_blockwise(t, reader.get(hf + "_scale_inv"), dtype, block)
+        t = dequantize_blockwise(t, _scale_of(reader, hf), dtype, block)
         if not torch.isfinite(t).all():
             raise CheckpointError(f"FP8 tensor {hf!r} in {where} dequantises to NaN or inf values "
                                   f"(check it and {hf + '_scale_inv'!r})")

@@ -145,6 +145,8 @@ def is_ignored_hf_name(config: ModelConfig, name: str, with_mtp: bool, mtp_layer
     """
     if name.endswith("rotary_emb.inv_freq") or name.endswith("_scale_inv"):
         return True
+    if config.model_type == "deepseek_v4" and name.endswith(".scale") and not name.endswith("hc_head.hc_scale"):
+        return True  # V4's FP8 / FP4 scales (X.scale beside X.weight), consumed with their weight
     if config.model_type == "deepseek_v4" and name.startswith("mtp."):
         return True  # V4's MTP module is not built (dsmoe.model.v4)
     if config.tie_word_embeddings and name == "lm_head.weight":

@@ -79,3 +79,15 @@ def test_cli_generate_on_a_v4_checkpoint(tmp_path):
     assert out.returncode == 0, out.stderr
     text = tok.decode(want, skip_special_tokens=True)
     assert text.strip() and text in out.stdout
+
+
+def test_bf16_load_runs_close_to_fp32(pair):
+    """bf16 weights (the checkpoint's fp32-kept tensors, like the indexer's weights_proj, stay fp32)."""
+    _, model, path = pair
+    half = load_pretrained(path, dtype=torch.bfloat16)
+    assert half.layers[1].attn.indexer.weights_proj.weight.dtype == torch.float32
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        a, b = half(ids), model(ids)
+    assert (a - b).abs().max() < 0.1 * b.abs().max()
+    assert len(generate(half, [[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=4)[1]) == 9

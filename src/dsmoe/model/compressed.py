@@ -166,7 +166,8 @@ class Indexer(nn.Module):
         n = keys.shape[1]
         q = rope_trailing(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim), cos, sin).float()
         s = torch.relu(torch.einsum("bthd,bnd->bthn", q, keys)) * self.head_dim ** -0.5  # (B, T, H_I, n)
-        w = self.weights_proj(x).float() * self.n_heads ** -0.5  # (B, T, H_I)
+        # weights_proj stays fp32 in checkpoints (as transformers keeps it): score in fp32
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5  # (B, T, H_I)
         index = (s * w.unsqueeze(-1)).sum(dim=2)  # (B, T, n)
         visible = torch.arange(n, device=x.device) < ((pos + 1) // self.rate).unsqueeze(-1)  # (B, T, n)
         picks = index.masked_fill(~visible, float("-inf")).topk(min(self.topk, n), dim=-1).indices

@@ -83,7 +83,7 @@ def test_transformers_builds_no_mtp_for_v3() -> None:
 # Variants that exercise every switch of the counting: biases, no query compression, tied head,
 # MoE layer frequency, dense-first-k, no shared experts, a fully dense model, explicit head_dim.
 VARIANTS = {
-    **{name: (name, {}) for name in TINY},
+    **{name: (name, {}) for name in TINY if name != "tiny-v4"},  # V4: tests/test_v4_calc.py
     "deepseek-moe-16b": ("deepseek-moe-16b", {}),
     **{name: (name, {}) for name in HF_FAMILY},
     "v3-bias-noqlora": ("tiny-v3", dict(attention_bias=True, q_lora_rank=None)),
@@ -154,6 +154,7 @@ HEADLINE = {
     "deepseek-v2-lite": (15.7e9, 2.4e9, "activated_nonembedding_params"),
     "deepseek-v3": (671e9, 37e9, "activated_params"),
     "mixtral-8x7b": (46.7e9, 12.9e9, "activated_params"),
+    "deepseek-v4-flash": (284e9, 13e9, "activated_nonembedding_params"),
 }
 
 
@@ -189,7 +190,7 @@ def test_kv_cache_figures() -> None:
     assert 1 - (v2.kv_cache_per_token * 6 / 8) / (2 * 8 * 128 * 95 * 2) == pytest.approx(0.933, abs=5e-4)
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", [n for n in TINY if n != "tiny-v4"])  # V4: tests/test_v4_calc.py
 def test_matmul_flops_match_flop_counter(name: str) -> None:
     """Every aten.mm of a real forward (router, experts actually run, head) over T tokens = T x ours."""
     config = get_preset(name)
@@ -317,4 +318,5 @@ def test_v32_figures() -> None:
 
 
 def test_every_published_preset_is_headlined() -> None:
-    assert set(HEADLINE) | {"deepseek-v3.2"} == set(PUBLISHED)  # V3.2: test_v32_figures
+    # V3.2: test_v32_figures; V4-Pro's "1.6T" is rounded past 1%: tests/test_v4_calc.py
+    assert set(HEADLINE) | {"deepseek-v3.2", "deepseek-v4-pro"} == set(PUBLISHED)

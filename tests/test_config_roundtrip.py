@@ -138,8 +138,9 @@ def test_kimi_k2_loads_as_deepseek_v3_with_transformers_parity(tmp_path):
 @pytest.mark.parametrize("raw,message", [
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
      "ModelConfig.model_type: 'llama' is not a model type dsmoe implements (deepseek, deepseek_v2, deepseek_v3, "
-     "deepseek_v32, mixtral), and architectures ['LlamaForCausalLM'] names none of its classes (DeepseekForCausalLM, "
-     "DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM, MixtralForCausalLM)"),
+     "deepseek_v32, deepseek_v4, mixtral), and architectures ['LlamaForCausalLM'] names none of its classes "
+     "(DeepseekForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM, "
+     "DeepseekV4ForCausalLM, MixtralForCausalLM)"),
     ({"model_type": "kimi_k2"}, "ModelConfig.model_type: 'kimi_k2' is not a model type dsmoe implements"),
     ({"model_type": "deepseek_v3", "architectures": ["MixtralForCausalLM"]},
      "ModelConfig.model_type: 'deepseek_v3' contradicts architectures ['MixtralForCausalLM'] (the class of a "
@@ -162,7 +163,8 @@ def test_v1_file_with_mla_keys_is_refused_naming_them():
         ModelConfig.from_hf(raw)
     assert str(err.value) == (
         "ModelConfig.model_type: 'deepseek' (deepseek) contradicts kv_lora_rank=16, q_lora_rank=24, "
-        "qk_rope_head_dim=8: these keys belong to deepseek_v2, deepseek_v3, deepseek_v32 models; fix model_type or remove "
+        "qk_rope_head_dim=8: these keys belong to deepseek_v2, deepseek_v3, deepseek_v32, deepseek_v4 models; fix "
+        "model_type or remove "
         "the key(s)")
 
 

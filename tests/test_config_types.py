@@ -59,7 +59,7 @@ def test_rope_parameters_errors_name_the_v5_key():
 
 
 _FAMILY_PRESET = {"deepseek": "tiny-v1", "deepseek_v2": "tiny-v2", "deepseek_v3": "tiny-v3", "deepseek_v32": "tiny-v3.2",
-                  "mixtral": "tiny-mixtral"}
+                  "deepseek_v4": "tiny-v4", "mixtral": "tiny-mixtral"}
 _CHECKED = [f for f in dataclasses.fields(ModelConfig) if "kind" in f.metadata]
 
 

@@ -242,6 +242,10 @@ def arch_stats(config: ModelConfig, context: int = DEFAULT_CONTEXT) -> ArchStats
     """Every figure of the calculator for `config`; attention FLOPs at `context` positions."""
     if context <= 0:
         raise ValueError(f"context must be a positive number of tokens, got {context}")
+    if config.model_type == "deepseek_v4":  # its own shapes: see calc_v4.py (KV cache per token at `context`)
+        from .calc_v4 import arch_stats_v4
+
+        return arch_stats_v4(config, context)
     dim = config.hidden_size
     layers = tuple(layer_stats(config, i) for i in range(config.num_hidden_layers))
     embedding = config.vocab_size * dim

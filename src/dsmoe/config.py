@@ -27,16 +27,21 @@ from typing import Any
 from .config_types import (BLOCK_SIZE, BOOL, NON_NEGATIVE_INT, NON_NEGATIVE_NUMBER, NUMBER, POSITIVE_INT,
                            POSITIVE_NUMBER, STRING, TOKEN_IDS, Kind, check, one_of, optional, schema)
 
-MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32", "mixtral")
+STRING_LIST = Kind("a list of strings", lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v))
+COMPRESS_RATES = Kind("an object of layer type -> positive integer", lambda v: isinstance(v, dict) and all(
+    isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in v.values()))
+
+MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "mixtral")
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 DSA_MODEL_TYPES = ("deepseek_v32",)  # MLA + DeepSeek Sparse Attention (lightning indexer, top-k keys)
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
 HIDDEN_ACTS = ("silu",)
 
 # Which model types' config.json carries a field (None on a field: all of them).
-DEEPSEEK = tuple(t for t in MODEL_TYPES if t != "mixtral")
+V4 = ("deepseek_v4",)  # hyper-connections, compressed sparse attention, hash-routed MoE (see config_v4.py)
+DEEPSEEK = tuple(t for t in MODEL_TYPES if t not in ("mixtral", "deepseek_v4"))  # V4's file is its own shape
 V2_ON = MLA_MODEL_TYPES  # group-limited routing, scaling factor and MLA arrived with DeepSeek-V2
 V3_ON = tuple(t for t in MLA_MODEL_TYPES if t != "deepseek_v2")  # rope_interleave, MTP: V3 and later
 MIXTRAL = ("mixtral",)
@@ -48,6 +53,9 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "rope_interleave": True},
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
     "deepseek_v32": {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True},
+    # V4 files also carry topk_method "noaux_tc" (V3's bias-corrected top-k, which its router does)
+    "deepseek_v4": {"scoring_func": "sqrtsoftplus", "norm_topk_prob": True, "num_key_value_heads": 1,
+                    "topk_method": "noaux_tc"},
     "mixtral": {
         "scoring_func": "softmax",
         "topk_method": "greedy",
@@ -71,6 +79,7 @@ _ARCHITECTURES = {
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "deepseek_v32": "DeepseekV32ForCausalLM",
+    "deepseek_v4": "DeepseekV4ForCausalLM",
     "mixtral": "MixtralForCausalLM",
 }
 
@@ -83,7 +92,8 @@ ROPE_SCALING = optional(schema("an object", {
     "beta_slow": optional(POSITIVE_NUMBER), "attention_factor": optional(POSITIVE_NUMBER),
     "truncate": optional(BOOL), "rope_theta": POSITIVE_NUMBER}, aliases={"type": "rope_type"}))
 QUANTIZATION_CONFIG = optional(schema("an object", {
-    "quant_method": STRING, "fmt": STRING, "activation_scheme": STRING, "weight_block_size": BLOCK_SIZE}))
+    "quant_method": STRING, "fmt": STRING, "activation_scheme": STRING, "weight_block_size": BLOCK_SIZE,
+    "expert_dtype": STRING}))
 
 
 def _f(default: Any, kind: Kind, families: tuple[str, ...] | None = None, off: Any = _NO_OFF) -> Any:
@@ -121,35 +131,47 @@ class ModelConfig:
     tie_word_embeddings: bool = _f(False, BOOL)
     initializer_range: float = _f(0.02, NON_NEGATIVE_NUMBER)
     # Mixtral (transformers' MistralConfig lineage): each query sees the last `sliding_window` keys; None = all.
-    sliding_window: int | None = _f(None, optional(POSITIVE_INT), MIXTRAL, off=None)
+    sliding_window: int | None = _f(None, optional(POSITIVE_INT), (*MIXTRAL, *V4), off=None)
     # --- MoE ---
     n_routed_experts: int | None = _f(8, optional(NON_NEGATIVE_INT))  # None or 0 = dense model
     num_experts_per_tok: int | None = _f(2, optional(POSITIVE_INT))
-    n_shared_experts: int = _f(0, NON_NEGATIVE_INT, DEEPSEEK, off=0)
+    n_shared_experts: int = _f(0, NON_NEGATIVE_INT, (*DEEPSEEK, *V4), off=0)
     moe_intermediate_size: int | None = _f(128, optional(POSITIVE_INT))  # Mixtral: = intermediate_size
     first_k_dense_replace: int = _f(0, NON_NEGATIVE_INT, DEEPSEEK, off=0)
     moe_layer_freq: int = _f(1, POSITIVE_INT, DEEPSEEK, off=1)
-    scoring_func: str = _f("softmax", one_of(*SCORING_FUNCS), DEEPSEEK)
+    scoring_func: str = _f("softmax", one_of(*SCORING_FUNCS), (*DEEPSEEK, *V4))
     topk_method: str = _f("greedy", one_of(*TOPK_METHODS), V2_ON)
     n_group: int | None = _f(None, optional(POSITIVE_INT), V2_ON, off=1)
     topk_group: int | None = _f(None, optional(POSITIVE_INT), V2_ON, off=1)
-    norm_topk_prob: bool = _f(False, BOOL, DEEPSEEK)
-    routed_scaling_factor: float = _f(1.0, POSITIVE_NUMBER, V2_ON, off=1.0)
+    norm_topk_prob: bool = _f(False, BOOL, (*DEEPSEEK, *V4))
+    routed_scaling_factor: float = _f(1.0, POSITIVE_NUMBER, (*V2_ON, *V4), off=1.0)
     # --- MLA (V2/V3) ---
-    q_lora_rank: int | None = _f(None, optional(POSITIVE_INT), V2_ON)
+    q_lora_rank: int | None = _f(None, optional(POSITIVE_INT), (*V2_ON, *V4))
     kv_lora_rank: int = _f(64, POSITIVE_INT, V2_ON)
     qk_nope_head_dim: int = _f(32, POSITIVE_INT, V2_ON)
     qk_rope_head_dim: int = _f(16, POSITIVE_INT, V2_ON)
     v_head_dim: int = _f(32, POSITIVE_INT, V2_ON)
     # --- DSA (V3.2): the lightning indexer and its top-k (transformers' DeepseekV32Config defaults) ---
-    index_n_heads: int = _f(64, POSITIVE_INT, DSA_MODEL_TYPES)
-    index_head_dim: int = _f(128, POSITIVE_INT, DSA_MODEL_TYPES)
-    index_topk: int = _f(2048, POSITIVE_INT, DSA_MODEL_TYPES)
+    index_n_heads: int = _f(64, POSITIVE_INT, (*DSA_MODEL_TYPES, *V4))
+    index_head_dim: int = _f(128, POSITIVE_INT, (*DSA_MODEL_TYPES, *V4))
+    index_topk: int = _f(2048, POSITIVE_INT, (*DSA_MODEL_TYPES, *V4))
+    # --- DeepSeek-V4 (transformers' DeepseekV4Config; checked in config_v4.py) ---
+    hc_mult: int = _f(4, POSITIVE_INT, V4)  # residual streams of the hyper-connections
+    hc_sinkhorn_iters: int = _f(20, POSITIVE_INT, V4)
+    hc_eps: float = _f(1e-6, POSITIVE_NUMBER, V4)
+    layer_types: list[str] | None = _f(None, optional(STRING_LIST), V4, off=None)  # filled for V4
+    compress_rates: dict[str, int] | None = _f(None, optional(COMPRESS_RATES), V4, off=None)  # filled for V4
+    compress_rope_theta: float = _f(160000.0, POSITIVE_NUMBER, V4)
+    o_groups: int = _f(8, POSITIVE_INT, V4)
+    o_lora_rank: int = _f(1024, POSITIVE_INT, V4)
+    mlp_layer_types: list[str] | None = _f(None, optional(STRING_LIST), V4, off=None)  # filled for V4
+    swiglu_limit: float | None = _f(None, optional(POSITIVE_NUMBER), V4, off=None)
+    partial_rotary_factor: float | None = _f(None, optional(POSITIVE_NUMBER), V4, off=None)  # filled for V4
     # --- balancing / MTP (used by training) ---
     aux_loss_alpha: float = _f(0.0, NON_NEGATIVE_NUMBER, DEEPSEEK, off=0.0)
     seq_aux: bool = _f(False, BOOL, DEEPSEEK, off=False)
-    router_aux_loss_coef: float = _f(0.0, NON_NEGATIVE_NUMBER, MIXTRAL, off=0.0)
-    num_nextn_predict_layers: int = _f(0, NON_NEGATIVE_INT, V3_ON, off=0)
+    router_aux_loss_coef: float = _f(0.0, NON_NEGATIVE_NUMBER, (*MIXTRAL, *V4), off=0.0)
+    num_nextn_predict_layers: int = _f(0, NON_NEGATIVE_INT, (*V3_ON, *V4), off=0)
     # --- tokens ---
     bos_token_id: int | None = _f(None, optional(TOKEN_IDS))
     eos_token_id: int | list[int] | None = _f(None, optional(TOKEN_IDS))
@@ -166,6 +188,10 @@ class ModelConfig:
         self.check_types()  # before anything below compares or normalises a value
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+        if self.model_type == "deepseek_v4":
+            from .config_v4 import fill_v4_defaults
+
+            fill_v4_defaults(self)
         if not self.uses_mla and self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads  # config.json must carry a number
         if self.topk_method != "greedy":
@@ -287,6 +313,10 @@ class ModelConfig:
 
         if self.uses_dsa:
             self._validate_dsa(fail)
+        if self.model_type == "deepseek_v4":
+            from .config_v4 import validate_v4
+
+            validate_v4(self, fail)
         if self.model_type == "mixtral":
             if self.attention_bias:
                 fail("attention_bias", "Mixtral's attention projections have no biases (transformers would drop them)")
@@ -325,7 +355,7 @@ class ModelConfig:
         if self.num_experts_per_tok > self.n_routed_experts:
             fail("num_experts_per_tok", f"{self.num_experts_per_tok} is larger than "
                  f"n_routed_experts={self.n_routed_experts}")
-        if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
+        if self.topk_method == "noaux_tc" and self.scoring_func not in ("sigmoid", "sqrtsoftplus"):
             fail("topk_method", "noaux_tc (V3 bias-corrected selection) needs scoring_func='sigmoid'")
         if self.topk_method in ("group_limited_greedy", "noaux_tc"):
             n_group, topk_group = self.n_group or 1, self.topk_group or 1

@@ -39,7 +39,7 @@ COMMON_KEYS = frozenset({
     "auto_map", "transformers_version", "torch_dtype", "dtype", "use_cache", "pretraining_tp", "attention_dropout",
     "ep_size", "output_router_logits", "router_jitter_noise", "qk_head_dim", "mlp_bias", "use_sliding_window",
     "max_window_layers", "_name_or_path", "return_dict", "output_hidden_states", "output_attentions",
-    "is_encoder_decoder", "num_experts", "layer_types", "chunk_size_feed_forward",
+    "is_encoder_decoder", "num_experts", "layer_types", "chunk_size_feed_forward", "mlp_layer_types",
 })
 
 
@@ -137,6 +137,13 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
     """See ModelConfig.from_hf."""
     raw = _read_raw(source)
     model_type = resolve_model_type(raw)
+    source_raw = raw
+    v4_rope = None
+    if model_type == "deepseek_v4":  # legacy keys fold in as transformers does; the file is written back as read
+        from .config_v4 import fold_legacy, rope_from_hf
+
+        raw = fold_legacy(raw)
+        v4_rope = rope_from_hf(raw)
     specs, table = _specs(), _key_table()
     values: dict[str, Any] = {"model_type": model_type, **_FAMILY_DEFAULTS[model_type]}
     extra: dict[str, Any] = {}
@@ -154,6 +161,9 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
             extra[key] = value
             continue
         name, families = table[key]
+        if key in COMMON_KEYS and model_type not in families:  # another family's list (V3.2's layer_types)
+            extra[key] = value
+            continue
         if model_type in families:
             values[name] = value
         elif not inert_value(name, value, model_type, specs[name]):
@@ -164,7 +174,10 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
                          f"{', '.join(foreign)}: {'this key belongs' if len(foreign) == 1 else 'these keys belong'} "
                          f"to {', '.join(owners)} models; fix model_type or remove the key(s)")
     style = "v5" if isinstance(raw.get("rope_parameters"), dict) and raw["rope_parameters"] else "hub"
-    values.update(_rope_from_hf(raw, values.get("rope_theta", ModelConfig.rope_theta), strict))
+    if v4_rope is not None:
+        values.update(v4_rope)
+    else:
+        values.update(_rope_from_hf(raw, values.get("rope_theta", ModelConfig.rope_theta), strict))
     if model_type in MLA_MODEL_TYPES:
         # transformers writes head_dim = qk_rope_head_dim for MLA models; it is not a GQA head size. Both
         # keys are unused here, but a wrongly typed one is still a broken file.
@@ -181,7 +194,7 @@ def config_from_hf(cls: type[ModelConfig], source: str | Path | dict[str, Any], 
             raise ValueError(str(err).replace("ModelConfig.rope_scaling", "ModelConfig.rope_parameters", 1)) from None
         raise
     # a private copy: the caller may reuse its dict (and its nested rope dict) for something else
-    config._hf_source = HFSource(copy.deepcopy(raw), _fresh(config, style), frozenset(extra), style, typos)
+    config._hf_source = HFSource(copy.deepcopy(source_raw), _fresh(config, style), frozenset(extra), style, typos)
     return config
 
 
@@ -224,7 +237,13 @@ def _fresh(config: ModelConfig, style: str) -> dict[str, Any]:
     if model_type == "mixtral":
         out.pop("moe_intermediate_size")
         out["intermediate_size"] = config.moe_intermediate_size
-    if style == "v5":
+    if model_type == "deepseek_v4":
+        out.pop("intermediate_size")  # transformers maps it onto moe_intermediate_size (attribute_map)
+    if model_type == "deepseek_v4" and style == "v5":
+        from .config_v4 import rope_to_hf
+
+        out["rope_parameters"] = rope_to_hf(config)
+    elif style == "v5":
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
     else:
         out["rope_theta"] = config.rope_theta
@@ -249,6 +268,8 @@ def config_to_hf(config: ModelConfig, style: str | None) -> dict[str, Any]:
                 out[key] = config.extra[key]
         elif key in fresh:
             out[key] = raw if fresh[key] == src.written.get(key, _MISSING) else fresh[key]
+        elif key == "rope_theta" and config.model_type == "deepseek_v4" and "rope_parameters" in fresh:
+            out[key] = config.rope_theta  # transformers' V4 files repeat the main base beside rope_parameters
         elif key not in ROPE_KEYS and key not in src.written:
             out[key] = raw  # accepted but not modelled: MLA's head_dim, another type's key at a harmless value
     for key, value in fresh.items():

@@ -178,6 +178,12 @@ def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_
            sync: Callable[[torch.Tensor], torch.Tensor] | None = None, cuda_graph: bool = False
            ) -> Iterator[torch.Tensor]:
     B, T = ids.shape
+    if pad is not None and model.config.model_type == "deepseek_v4":  # positional windows: one cache per row
+        from .generate_v4 import plain_rows
+
+        yield from plain_rows(model, ids, pad, max_new_tokens,
+                              lambda logits: sample(logits, temperature, top_k, top_p, generator), sync)
+        return
     cache = model.make_cache(B, capacity)
     graphed = None
     if cuda_graph:  # checked before the prefill: a refusal costs nothing

@@ -60,6 +60,36 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         index_n_heads=64, index_head_dim=128, index_topk=2048,
         rope_scaling={"type": "yarn", "mscale": 1.0, "mscale_all_dim": 1.0, **_YARN_40},
         bos_token_id=0, eos_token_id=1),
+    # deepseek-ai/DeepSeek-V4-Flash (284B total, 13B activated): two sliding layers, then CSA / HCA alternating
+    "deepseek-v4-flash": dict(
+        model_type="deepseek_v4", vocab_size=129280, hidden_size=4096, num_hidden_layers=43,
+        num_attention_heads=64, num_key_value_heads=1, head_dim=512, q_lora_rank=1024,
+        max_position_embeddings=1048576, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=6,
+        moe_intermediate_size=2048, scoring_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5,
+        num_nextn_predict_layers=1, index_n_heads=64, index_head_dim=128, index_topk=512, hc_mult=4,
+        hc_sinkhorn_iters=20, hc_eps=1e-6, sliding_window=128, o_groups=8, o_lora_rank=1024, swiglu_limit=10.0,
+        partial_rotary_factor=64 / 512, compress_rope_theta=160000.0, router_aux_loss_coef=0.001,
+        layer_types=["sliding_attention"] * 2 + [("compressed_sparse_attention", "heavily_compressed_attention")[i % 2]
+                                                 for i in range(41)],
+        mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 40,
+        rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                      "beta_slow": 1},
+        bos_token_id=0, eos_token_id=1),
+    # deepseek-ai/DeepSeek-V4-Pro (1.6T total, 49B activated): two HCA layers, then CSA / HCA alternating
+    "deepseek-v4-pro": dict(
+        model_type="deepseek_v4", vocab_size=129280, hidden_size=7168, num_hidden_layers=61,
+        num_attention_heads=128, num_key_value_heads=1, head_dim=512, q_lora_rank=1536,
+        max_position_embeddings=1048576, n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=6,
+        moe_intermediate_size=3072, scoring_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1, index_n_heads=64, index_head_dim=128, index_topk=1024, hc_mult=4,
+        hc_sinkhorn_iters=20, hc_eps=1e-6, sliding_window=128, o_groups=16, o_lora_rank=1024, swiglu_limit=10.0,
+        partial_rotary_factor=64 / 512, compress_rope_theta=160000.0, router_aux_loss_coef=0.001,
+        layer_types=["heavily_compressed_attention"] * 2 + [
+            ("compressed_sparse_attention", "heavily_compressed_attention")[i % 2] for i in range(59)],
+        mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 58,
+        rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                      "beta_slow": 1},
+        bos_token_id=0, eos_token_id=1),
     # mistralai/Mixtral-8x7B-v0.1
     "mixtral-8x7b": dict(
         model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
@@ -91,6 +121,18 @@ TINY: dict[str, dict[str, Any]] = {
                       scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
                       norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
                       index_n_heads=4, index_head_dim=32, index_topk=64),
+    # every V4 layer type and both MoE kinds; window 32 and index_topk 16 < the trainer's --seq-len 128
+    "tiny-v4": dict(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    max_position_embeddings=1024, model_type="deepseek_v4", num_key_value_heads=1, head_dim=64,
+                    q_lora_rank=64, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+                    moe_intermediate_size=64, scoring_func="sqrtsoftplus", norm_topk_prob=True,
+                    routed_scaling_factor=1.5, index_n_heads=4, index_head_dim=32, index_topk=16, hc_mult=2,
+                    hc_sinkhorn_iters=20, sliding_window=32, o_groups=2, o_lora_rank=64, swiglu_limit=10.0,
+                    partial_rotary_factor=0.25, compress_rates={"compressed_sparse_attention": 4,
+                                                                "heavily_compressed_attention": 16},
+                    layer_types=["sliding_attention", "compressed_sparse_attention",
+                                 "heavily_compressed_attention", "compressed_sparse_attention"],
+                    mlp_layer_types=["hash_moe", "moe", "moe", "moe"], router_aux_loss_coef=0.001),
     "tiny-mixtral": dict(_TINY_COMMON, model_type="mixtral", num_key_value_heads=2, n_routed_experts=8,
                          num_experts_per_tok=2, intermediate_size=256, moe_intermediate_size=256,
                          norm_topk_prob=True, rope_theta=1e6, rms_norm_eps=1e-5, router_aux_loss_coef=0.02),

@@ -24,11 +24,13 @@ from ..config import ModelConfig
 from ..device import resolve_device
 from ..files import atomic_write_text
 from ..model import Transformer
+from ..model.v4 import V4Transformer
+from .fp4 import FP4_BLOCK, FP4_DTYPES, SCALE_DTYPES, dequantize_fp4, scale_names, scale_to_float
 from .fp8 import DEFAULT_BLOCK, FP8_DTYPES, dequantize_blockwise, scale_shape
 from .generation_config import (GenerationConfig, generation_config_from_model_config, read_generation_config,
                                 write_generation_config)
 from .names import (MTP_SHARED_COPIES, checkpoint_has_mtp, hf_names, is_ignored_hf_name, mtp_layer,
-                    mtp_layer_indices)
+                    mtp_layer_indices, v4_alternatives, v4_hf_names)
 from .shards import INDEX_NAME, SINGLE_NAME, CheckpointError, ShardReader, parse_size, write_shards
 from .stream import ST_DTYPES, Staging, TensorFile
 
@@ -76,15 +78,16 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype | None = None, str
 def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None, device: torch.device) -> Transformer:
     """The weights of `directory` into a model of `config` on `device` (see load_pretrained)."""
     block = _fp8_block(config)
+    v4 = config.model_type == "deepseek_v4"
     with ShardReader(directory) as reader:
-        with_mtp = checkpoint_has_mtp(config, set(reader.names()))
+        with_mtp = not v4 and checkpoint_has_mtp(config, set(reader.names()))
         with torch.device("meta"):
-            model = Transformer(config, with_mtp=with_mtp)
+            model = (V4Transformer if v4 else Transformer)(config, with_mtp=with_mtp)
         expected = {name: t for name, t in model.state_dict().items()
                     if not (config.tie_word_embeddings and name == "head.weight")}
         plan = _plan(config, reader, expected, block, with_mtp)
         if dtype is None:
-            dtype = _checkpoint_dtype(reader)
+            dtype = _checkpoint_dtype(reader, plan["embed.weight"][0])
         files = {} if device.type == "meta" else {f: TensorFile(reader.directory / f)
                                                   for f in sorted(set(reader.file_of.values()))}
         staging = Staging(pin=device.type == "cuda")
@@ -92,6 +95,8 @@ def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None, devic
             state = {}
             for ours, sources in plan.items():
                 target = torch.float32 if ours.endswith(_ALWAYS_FP32) else dtype
+                if not expected[ours].is_floating_point():  # V4's hash table tid2eid
+                    target = expected[ours].dtype
                 out = torch.empty(expected[ours].shape, dtype=target, device=device)
                 if device.type != "meta":
                     # one part of the same rank is the tensor itself; else parts are stacked along dim 0
@@ -142,7 +147,7 @@ def save_pretrained(model: Transformer, directory: str | Path, max_shard_size: i
             t = t.detach().cpu()
             if dtype is not None and t.is_floating_point() and not ours.endswith(_ALWAYS_FP32):
                 t = t.to(dtype)
-            names = hf_names(config, ours)
+            names = v4_hf_names(config, ours) if config.model_type == "deepseek_v4" else hf_names(config, ours)
             if len(names) == 1:
                 yield names[0], t.contiguous()
             else:  # stacked experts -> one tensor each; clone so shards share no storage
@@ -179,15 +184,19 @@ def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Te
     present = set(reader.names())
     plan: dict[str, list[str]] = {}
     missing: list[str] = []
+    v4 = config.model_type == "deepseek_v4"
     for ours, meta in expected.items():
-        names = hf_names(config, ours)
+        names = v4_hf_names(config, ours) if v4 else hf_names(config, ours)
+        if v4:  # the original DeepSeek layout spells them without `model.`
+            names = [hf if hf in present else next((a for a in v4_alternatives(hf) if a in present), hf)
+                     for hf in names]
         plan[ours] = names
         shape = tuple(meta.shape[1:]) if len(names) > 1 else tuple(meta.shape)
         for hf in names:
             if hf not in present:
                 missing.append(hf)
                 continue
-            _check_tensor(reader, hf, shape, present, block)
+            _check_tensor(reader, hf, shape, present, block, integer=not meta.is_floating_point())
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"{reader.directory}: missing tensor {', '.join(missing[:3])}{more}")
@@ -201,14 +210,20 @@ def _plan(config: ModelConfig, reader: ShardReader, expected: dict[str, torch.Te
 
 
 def _check_tensor(reader: ShardReader, hf: str, shape: tuple[int, ...], present: set[str],
-                  block: tuple[int, int]) -> None:
+                  block: tuple[int, int], integer: bool = False) -> None:
     where = reader.directory / reader.file_of[hf]
     got = reader.shape(hf)
+    kind = reader.dtype(hf)
+    if not integer and kind in FP4_DTYPES and len(got) == 2 and len(shape) == 2:
+        _check_fp4(reader, hf, got, shape, present, where)  # V4's packed FP4 experts
+        return
     if got != shape:
         raise CheckpointError(f"tensor {hf!r} in {where} has shape {list(got)}, expected {list(shape)}")
-    kind = reader.dtype(hf)
-    if kind in FP8_DTYPES:
-        scale = hf + "_scale_inv"
+    if integer:
+        if kind not in ("I64", "I32", "I16", "U8", "I8"):
+            raise CheckpointError(f"tensor {hf!r} in {where} has dtype {kind}, expected an integer type")
+    elif kind in FP8_DTYPES:
+        scale = next((n for n in scale_names(hf) if n in present), hf + "_scale_inv")
         if scale not in present:
             raise CheckpointError(f"FP8 tensor {hf!r} in {where} has no {scale!r}")
         if reader.shape(scale) != scale_shape(got, block):
@@ -220,24 +235,27 @@ def _check_tensor(reader: ShardReader, hf: str, shape: tuple[int, ...], present:
 
 def _read(reader: ShardReader, files: dict[str, TensorFile], hf: str, out: torch.Tensor,
           block: tuple[int, int], staging: Staging) -> None:
-    """Tensor `hf` into `out` (its final place: device and dtype), dequantising FP8 on out's device;
+    """Tensor `hf` into `out` (its final place: device and dtype), dequantising FP8 / FP4 on out's device;
     tensors that need a cast or a move go through `staging`, one at a time."""
     file = files[reader.file_of[hf]]
     where = reader.directory / reader.file_of[hf]
     kind = reader.dtype(hf)
-    if kind in FP8_DTYPES:
-        scale = files[reader.file_of[hf + "_scale_inv"]].read(hf + "_scale_inv").to(out.device)
-        out.copy_(dequantize_blockwise(file.read(hf, staging).to(out.device), scale, out.dtype, block))
-        # checked after dequantisation: an FP8 NaN code or an inf / NaN in the block scales both end up here
+    fp4 = out.is_floating_point() and kind in FP4_DTYPES  # V4's packed e2m1 experts (int8 storage)
+    if fp4 or kind in FP8_DTYPES:
+        scale_name = next(n for n in scale_names(hf) if n in reader.file_of)  # V4 `X.scale`, V3 `X_scale_inv`
+        scale = scale_to_float(files[reader.file_of[scale_name]].read(scale_name)).to(out.device)
+        raw = file.read(hf, staging).to(out.device)
+        out.copy_(dequantize_fp4(raw, scale, out.dtype) if fp4 else dequantize_blockwise(raw, scale, out.dtype, block))
+        # checked after dequantisation: a NaN code or an inf / NaN in the block scales both end up here
         if not _all_finite(out):
-            raise CheckpointError(f"FP8 tensor {hf!r} in {where} dequantises to NaN or inf values "
-                                  f"(check it and {hf + '_scale_inv'!r})")
+            raise CheckpointError(f"{'FP4' if fp4 else 'FP8'} tensor {hf!r} in {where} dequantises to NaN or inf "
+                                  f"values (check it and {scale_name!r})")
         return
     if out.device.type == "cpu" and out.dtype == ST_DTYPES[kind] and out.is_contiguous():
         file.read_into(hf, out)  # no staging copy at all
     else:
         out.copy_(file.read(hf, staging))  # staged on the CPU, cast (and moved) by the copy
-    if not _all_finite(out):
+    if out.is_floating_point() and not _all_finite(out):
         # a cast to fp16 can also overflow to inf: equally unusable
         raise CheckpointError(f"tensor {hf!r} in {where} holds NaN or inf values"
                               + (f" (after conversion to {out.dtype})" if out.dtype != ST_DTYPES[kind] else ""))
@@ -252,8 +270,23 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(sums).all())
 
 
-def _checkpoint_dtype(reader: ShardReader) -> torch.dtype:
-    kind = reader.dtype("model.embed_tokens.weight")
+def _check_fp4(reader: ShardReader, hf: str, got: tuple[int, ...], shape: tuple[int, ...], present: set[str],
+               where) -> None:
+    """A packed FP4 weight (M, N/2) for an (M, N) tensor, with its (M, N/32) UE8M0 scale."""
+    if got != (shape[0], shape[1] // 2) or shape[1] % FP4_BLOCK:
+        raise CheckpointError(f"tensor {hf!r} in {where} has shape {list(got)} ({reader.dtype(hf)}), expected "
+                              f"{list(shape)}, or {[shape[0], shape[1] // 2]} as packed FP4")
+    scale = next((n for n in scale_names(hf) if n in present), None)
+    if scale is None:
+        raise CheckpointError(f"FP4 tensor {hf!r} in {where} has no {scale_names(hf)[0]!r}")
+    want = (shape[0], shape[1] // FP4_BLOCK)
+    if reader.shape(scale) != want or reader.dtype(scale) not in SCALE_DTYPES:
+        raise CheckpointError(f"tensor {scale!r} has shape {list(reader.shape(scale))} ({reader.dtype(scale)}), "
+                              f"expected {list(want)} UE8M0 scales for 1x{FP4_BLOCK} blocks of FP4 {hf!r}")
+
+
+def _checkpoint_dtype(reader: ShardReader, embed: str = "model.embed_tokens.weight") -> torch.dtype:
+    kind = reader.dtype(embed)
     return _FLOAT_DTYPES.get(kind, torch.bfloat16)
 
 

@@ -145,6 +145,10 @@ def is_ignored_hf_name(config: ModelConfig, name: str, with_mtp: bool, mtp_layer
     """
     if name.endswith("rotary_emb.inv_freq") or name.endswith("_scale_inv"):
         return True
+    if config.model_type == "deepseek_v4" and name.endswith(".scale") and not name.endswith("hc_head.hc_scale"):
+        return True  # V4's FP8 / FP4 scales (X.scale beside X.weight), consumed with their weight
+    if config.model_type == "deepseek_v4" and name.startswith("mtp."):
+        return True  # V4's MTP module is not built (dsmoe.model.v4)
     if config.tie_word_embeddings and name == "lm_head.weight":
         return True
     if config.n_shared_experts == 0 and ".mlp.shared_experts." in name and 0 in shape:
@@ -160,3 +164,44 @@ def checkpoint_has_mtp(config: ModelConfig, names: set[str]) -> bool:
     """All of the config's MTP depths are present (judged by their eh_proj)."""
     depth = config.num_nextn_predict_layers
     return depth > 0 and all(f"model.layers.{mtp_layer(config, k)}.eh_proj.weight" in names for k in range(depth))
+
+
+# DeepSeek-V4: our names are the Hub's inside a layer (attn.wq_a, attn.compressor.wkv, ffn.gate.tid2eid, ...);
+# transformers' save_pretrained writes them under `model.layers.{i}.`, with these exceptions (its conversion
+# mapping reads both that and the original layout without `model.`; see v4_alternatives).
+V4_GLOBAL = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "head.weight": "head.weight",
+    "hc_head.fn": "model.hc_head.hc_fn",
+    "hc_head.base": "model.hc_head.hc_base",
+    "hc_head.scale": "model.hc_head.hc_scale",
+}
+V4_ORIGINAL_GLOBAL = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+                      "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
+                      "model.hc_head.hc_scale": "hc_head_scale"}
+
+
+def v4_hf_names(config: ModelConfig, ours: str) -> list[str]:
+    """The save_pretrained name(s) of our V4 tensor `ours` (one per expert for stacked experts)."""
+    if ours in V4_GLOBAL:
+        return [V4_GLOBAL[ours]]
+    parts = ours.split(".", 2)
+    if parts[0] != "layers" or len(parts) < 3:
+        raise KeyError(f"no Hugging Face name for parameter {ours!r}")
+    suffix = parts[2]
+    for hc in ("hc_attn", "hc_ffn"):
+        if suffix.startswith(hc + "."):
+            suffix = suffix.replace(".", "_", 1)  # hc_attn.fn -> hc_attn_fn
+    if suffix in ("ffn.experts.w1", "ffn.experts.w2", "ffn.experts.w3"):
+        w = suffix.rsplit(".", 1)[1]
+        return [f"model.layers.{parts[1]}.ffn.experts.{e}.{w}.weight" for e in range(config.n_routed_experts)]
+    return [f"model.layers.{parts[1]}.{suffix}"]
+
+
+def v4_alternatives(name: str) -> list[str]:
+    """Other spellings of a save_pretrained V4 name that checkpoints use: the original DeepSeek layout has no
+    `model.` prefix and flat hc_head names."""
+    if name in V4_ORIGINAL_GLOBAL:
+        return [V4_ORIGINAL_GLOBAL[name]]
+    return [name.removeprefix("model.")] if name.startswith("model.layers.") else []

@@ -79,15 +79,20 @@ def _print_info(name: str, config: ModelConfig, s: ArchStats) -> None:
            f"{config.n_shared_experts} shared" if config.is_moe else "dense")
     table.add_row("layers", f"{s.num_layers} ({s.num_layers - s.num_moe_layers} dense, {s.num_moe_layers} MoE)")
     table.add_row("experts per MoE layer", moe)
-    table.add_row("attention", (f"MLA + DSA (indexer {config.index_n_heads} heads x {config.index_head_dim}, "
+    if config.model_type == "deepseek_v4":
+        from .info_v4 import v4_attention_label
+
+        table.add_row("attention", v4_attention_label(config))
+    else:
+        table.add_row("attention", (f"MLA + DSA (indexer {config.index_n_heads} heads x {config.index_head_dim}, "
                                 f"top-{config.index_topk} keys)") if config.uses_dsa else "MLA" if config.uses_mla else
-                  f"GQA ({config.num_attention_heads} heads, {config.kv_heads} kv heads)")
+                      f"GQA ({config.num_attention_heads} heads, {config.kv_heads} kv heads)")
     table.add_row("total parameters", _count(s.total_params))
     table.add_row("activated per token", f"{_count(s.activated_params)}  "
                   f"{100 * s.activated_params / s.total_params:.1f}%")
     table.add_row("  without embedding", _count(s.activated_nonembedding_params))
     table.add_row("embedding", _count(s.embedding_params) + ("  tied to head" if config.tie_word_embeddings else ""))
-    if config.num_nextn_predict_layers:
+    if config.num_nextn_predict_layers and config.model_type != "deepseek_v4":  # V4's MTP is not built
         table.add_row(f"MTP modules ({config.num_nextn_predict_layers})",
                       _count(s.mtp_params))
     if s.checkpoint_numel != s.total_params:
@@ -108,9 +113,13 @@ def _print_info(name: str, config: ModelConfig, s: ArchStats) -> None:
                       f"({s.dense_attention_flops_per_token / s.attention_flops_per_token:.1f}x)")
         table.add_row("  KV cache of which indexer keys", f"{config.index_head_dim * config.num_hidden_layers:,} "
                       "elements")
-    if config.num_nextn_predict_layers:
+    if config.num_nextn_predict_layers and config.model_type != "deepseek_v4":
         table.caption = ("MTP modules share the embedding and output head with the main model (counted 0); "
                          "checkpoint tensors add the Hub's per-module copies of both and the router biases.")
     elif s.router_bias_numel:
         table.caption = "checkpoint tensors add the router correction biases (buffers, not parameters)."
     Console().print(table)
+    if config.model_type == "deepseek_v4":
+        from .info_v4 import print_v4_kv_table
+
+        print_v4_kv_table(config)

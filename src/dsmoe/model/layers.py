@@ -41,18 +41,23 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config: ModelConfig, dim: int | None = None, base: float | None = None,
+                  scaled: bool = True) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (R/2,) and the cos/sin amplitude.
+
+    dim / base override config.rope_dim / config.rope_theta, and scaled=False ignores rope_scaling (DeepSeek-V4
+    has two ropes: plain on its sliding layers, YaRN at compress_rope_theta on its compressed ones).
 
     YaRN (as in DeepSeek-V2 appendix B): frequencies are blended between interpolated (slow, /factor) and
     extrapolated (original) by a linear ramp over the dims whose wavelength falls between beta_slow and
     beta_fast rotations of the original context. The amplitude is mscale(mscale) / mscale(mscale_all_dim);
     the rest of the temperature lives in the softmax scale (ModelConfig.softmax_scale).
     """
-    dim, base = config.rope_dim, config.rope_theta
+    dim = config.rope_dim if dim is None else dim
+    base = config.rope_theta if base is None else base
     # Always on the CPU: a model built on the meta device (for loading) still needs real rope tables.
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
-    rs = config.rope_scaling
+    rs = config.rope_scaling if scaled else None
     if rs is None or rs["rope_type"] == "default":
         return 1.0 / pos_freqs, 1.0
     factor = config.yarn_factor

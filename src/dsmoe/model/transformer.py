@@ -62,6 +62,16 @@ class Transformer(nn.Module):
     sampling defaults) when loaded by load_pretrained, else None; save_pretrained writes it back.
     """
 
+    def __new__(cls, config: ModelConfig | None = None, *args, **kwargs):
+        # DeepSeek-V4's decoder is its own class (model/v4.py); Transformer(config) builds it for a V4 config so
+        # that every caller (trainer, CLI, benchmarks) builds models one way. (config is None when copy/pickle
+        # recreate an instance.)
+        if cls is Transformer and config is not None and config.model_type == "deepseek_v4":
+            from .v4 import V4Transformer
+
+            return V4Transformer(config, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, config: ModelConfig, with_mtp: bool | None = None) -> None:
         super().__init__()
         self.config = config

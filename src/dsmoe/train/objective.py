@@ -47,7 +47,7 @@ class BalanceSettings:
         devices = n_group and M = topk_group and the paper's alpha_1 = 0.003 (the Hub config.json says 0.001);
         V3 auxiliary-loss-free plus the sequence-wise loss; Mixtral the Switch-style loss. Other coefficients
         from the config where it has them."""
-        if config.model_type in ("deepseek_v3", "deepseek_v32"):
+        if config.model_type in ("deepseek_v3", "deepseek_v32", "deepseek_v4"):  # V4: its routed layers
             base = dict(schemes=("aux_free", "seq"))
         elif config.model_type == "mixtral":
             base = dict(schemes=("mixtral",), mixtral_coef=config.router_aux_loss_coef or 0.02)

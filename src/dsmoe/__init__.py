@@ -1,4 +1,4 @@
-"""dsmoe: DeepSeek V1/V2/V3 and Mixtral Mixture-of-Experts models in PyTorch."""
+"""dsmoe: DeepSeek V1/V2/V3/V3.2/V4 and Mixtral Mixture-of-Experts models in PyTorch."""
 
 from ._startup import command_interrupt_guard
 

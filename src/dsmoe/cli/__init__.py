@@ -26,7 +26,7 @@ __all__ = ["CLIError", "build_parser", "load_config", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="DeepSeek V1/V2/V3 and Mixtral MoE models.")
+    parser = _Parser(prog=PROG, description="DeepSeek V1/V2/V3/V3.2/V4 and Mixtral MoE models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_info(sub)
     _add_generate(sub)

@@ -232,3 +232,36 @@ def test_cli_generate_speculative_reports_acceptance(tmp_path):
                           "--max-new-tokens", "12", "--speculative"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "MTP draft acceptance" in out.stdout + out.stderr
+
+
+def test_tiny_v4_trains_its_mtp_and_transformers_still_loads_it(tmp_path, tmp_path_factory, monkeypatch):
+    """`dsmoe train --preset tiny-v4 --set num_nextn_predict_layers=1`: mtp_loss is logged and falls, the
+    checkpoint holds mtp.0.* (our loader builds the module), and transformers (which drops mtp.*) gives the
+    same main logits."""
+    import inspect
+    import os
+
+    from dsmoe.train.loop import TrainConfig, train
+    from dsmoe.train.metrics import read_metrics
+
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for module in (json, os):
+        (corpus / f"{module.__name__}.py").write_text(inspect.getsource(module))
+    out = tmp_path / "run"
+    train(TrainConfig(preset="tiny-v4", overrides={"num_nextn_predict_layers": 1}, steps=6, save_every=6,
+                      data=corpus, out=out, batch_size=4, seq_len=48, eval_every=6, eval_batches=1, vocab_size=300,
+                      lr=3e-3))
+    records = read_metrics(out / "metrics.jsonl")
+    assert "mtp_loss" in records[0]
+    assert records[-1]["mtp_loss"] < records[0]["mtp_loss"] - 0.3
+    assert records[-1]["lm_loss"] < records[0]["lm_loss"] - 0.3
+    model = dsmoe.load_pretrained(out, dtype=torch.float32)
+    assert len(model.mtp) == 1 and model.mtp[0].ffn.gate.bias.abs().sum() > 0  # its router balanced too
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, model(ids), atol=1e-4, rtol=0)
+        assert torch.equal(generate(model, ids, 10, speculative=True), generate(model, ids, 10))

@@ -217,6 +217,11 @@ def _speculative(model: Transformer, ids: torch.Tensor, max_new_tokens: int, cap
                          "and MTP weights in the checkpoint)")
     if ids.shape[0] != 1:
         raise ValueError(f"speculative decoding takes one prompt at a time, got {ids.shape[0]}")
+    if model.config.model_type == "deepseek_v4":  # V4's caches roll back differently (see generate_v4)
+        from .generate_v4 import speculative_v4
+
+        yield from speculative_v4(model, ids, stats)
+        return
     T = ids.shape[1]
     cache = model.make_cache(1, capacity, extra_layers=1)
     main_cache, mtp_cache = cache, cache.layers[-1]

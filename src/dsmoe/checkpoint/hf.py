@@ -80,7 +80,7 @@ def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None, devic
     block = _fp8_block(config)
     v4 = config.model_type == "deepseek_v4"
     with ShardReader(directory) as reader:
-        with_mtp = not v4 and checkpoint_has_mtp(config, set(reader.names()))
+        with_mtp = checkpoint_has_mtp(config, set(reader.names()))
         with torch.device("meta"):
             model = (V4Transformer if v4 else Transformer)(config, with_mtp=with_mtp)
         expected = {name: t for name, t in model.state_dict().items()
@@ -153,8 +153,8 @@ def save_pretrained(model: Transformer, directory: str | Path, max_shard_size: i
             else:  # stacked experts -> one tensor each; clone so shards share no storage
                 for e, name in enumerate(names):
                     yield name, t[e].clone()
-        # The published layout repeats the shared embedding and head inside each MTP layer.
-        for depth in range(len(model.mtp)):
+        # The published V3 layout repeats the shared embedding and head inside each MTP layer (V4's does not).
+        for depth in range(0 if config.model_type == "deepseek_v4" else len(model.mtp)):
             for ours, suffix in MTP_SHARED_COPIES.items():
                 t = state["embed.weight" if config.tie_word_embeddings else ours].detach().cpu()
                 yield f"model.layers.{mtp_layer(config, depth)}.{suffix}", (t if dtype is None else t.to(dtype)).clone()

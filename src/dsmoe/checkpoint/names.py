@@ -148,7 +148,7 @@ def is_ignored_hf_name(config: ModelConfig, name: str, with_mtp: bool, mtp_layer
     if config.model_type == "deepseek_v4" and name.endswith(".scale") and not name.endswith("hc_head.hc_scale"):
         return True  # V4's FP8 / FP4 scales (X.scale beside X.weight), consumed with their weight
     if config.model_type == "deepseek_v4" and name.startswith("mtp."):
-        return True  # V4's MTP module is not built (dsmoe.model.v4)
+        return not with_mtp  # V4's MTP module, when the model is built without it (dsmoe.model.mtp_v4)
     if config.tie_word_embeddings and name == "lm_head.weight":
         return True
     if config.n_shared_experts == 0 and ".mlp.shared_experts." in name and 0 in shape:
@@ -161,8 +161,10 @@ def is_ignored_hf_name(config: ModelConfig, name: str, with_mtp: bool, mtp_layer
 
 
 def checkpoint_has_mtp(config: ModelConfig, names: set[str]) -> bool:
-    """All of the config's MTP depths are present (judged by their eh_proj)."""
+    """All of the config's MTP depths are present (judged by their eh_proj; V4: mtp.{k}.e_proj)."""
     depth = config.num_nextn_predict_layers
+    if config.model_type == "deepseek_v4":
+        return depth > 0 and all(f"mtp.{k}.e_proj.weight" in names for k in range(depth))
     return depth > 0 and all(f"model.layers.{mtp_layer(config, k)}.eh_proj.weight" in names for k in range(depth))
 
 
@@ -187,16 +189,20 @@ def v4_hf_names(config: ModelConfig, ours: str) -> list[str]:
     if ours in V4_GLOBAL:
         return [V4_GLOBAL[ours]]
     parts = ours.split(".", 2)
-    if parts[0] != "layers" or len(parts) < 3:
+    if parts[0] not in ("layers", "mtp") or len(parts) < 3:
         raise KeyError(f"no Hugging Face name for parameter {ours!r}")
     suffix = parts[2]
+    # The MTP module (dsmoe.model.mtp_v4) keeps the original layout `mtp.{k}.`: transformers has no name for it.
+    prefix = f"mtp.{parts[1]}" if parts[0] == "mtp" else f"model.layers.{parts[1]}"
+    if parts[0] == "mtp" and suffix.startswith("hc_head."):
+        return [f"{prefix}.{suffix.replace('.', '_', 1)}"]  # hc_head.fn -> hc_head_fn
     for hc in ("hc_attn", "hc_ffn"):
         if suffix.startswith(hc + "."):
             suffix = suffix.replace(".", "_", 1)  # hc_attn.fn -> hc_attn_fn
     if suffix in ("ffn.experts.w1", "ffn.experts.w2", "ffn.experts.w3"):
         w = suffix.rsplit(".", 1)[1]
-        return [f"model.layers.{parts[1]}.ffn.experts.{e}.{w}.weight" for e in range(config.n_routed_experts)]
-    return [f"model.layers.{parts[1]}.{suffix}"]
+        return [f"{prefix}.ffn.experts.{e}.{w}.weight" for e in range(config.n_routed_experts)]
+    return [f"{prefix}.{suffix}"]
 
 
 def v4_alternatives(name: str) -> list[str]:

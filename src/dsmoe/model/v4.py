@@ -3,8 +3,9 @@ hash- or top-k-routed MoE, the stream-collapsing head, final norm, output head.
 
 `V4Transformer` has the calling convention of `Transformer` (forward(input_ids, cache, start) -> fp32 logits,
 hidden_states, make_cache, moe_layers), so checkpoints, generation and the calculator treat both alike; V1-V3
-stay in transformer.py. The published checkpoints' MTP module (`mtp.*`) is not built: transformers'
-DeepseekV4ForCausalLM, the oracle, does not build it either, and the loader skips it.
+stay in transformer.py. The published checkpoints' MTP module (`mtp.*`, dsmoe.model.mtp_v4) is built only when
+asked (with_mtp=True: num_nextn_predict_layers depths), since transformers' DeepseekV4ForCausalLM, the oracle,
+never builds it; load_pretrained asks when the checkpoint holds `mtp.{k}.e_proj.weight` for every depth.
 
 Shape legend: B batch, T tokens, N hc_mult streams, D hidden, V vocabulary, R rope dims.
 """
@@ -92,7 +93,9 @@ class V4Transformer(nn.Module):
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.mtp = nn.ModuleList()  # not built (see the module docstring)
+        from .mtp_v4 import V4MTP  # mtp_v4 builds on V4Block
+
+        self.mtp = nn.ModuleList(V4MTP(config) for _ in range(config.num_nextn_predict_layers if with_mtp else 0))
         if config.tie_word_embeddings:
             self.head.weight = self.embed.weight
         if not any(p.is_meta for p in self.parameters()):
@@ -121,10 +124,11 @@ class V4Transformer(nn.Module):
     def moe_layers(self, include_mtp: bool = False) -> list[V4MoE]:
         """The routed (top-k) MoE layers: what balancing and load metrics act on. Hash layers pick experts by
         a frozen table, so they have no router to balance (all_moe_layers lists them too)."""
-        return [b.ffn for b in self.layers if not b.ffn.gate.hashed]
+        blocks = [*self.layers, *self.mtp] if include_mtp else list(self.layers)
+        return [b.ffn for b in blocks if not b.ffn.gate.hashed]
 
     def all_moe_layers(self) -> list[V4MoE]:
-        return [b.ffn for b in self.layers]
+        return [b.ffn for b in [*self.layers, *self.mtp]]
 
     def check_input(self, input_ids: torch.Tensor, start_pos: int = 0) -> None:
         from .transformer import Transformer
@@ -132,12 +136,19 @@ class V4Transformer(nn.Module):
         Transformer.check_input(self, input_ids, start_pos)  # same rules
 
     def make_cache(self, batch: int = 1, capacity: int = 0, extra_layers: int = 0) -> V4Cache:
-        """An empty cache (grows as tokens arrive; batch and capacity are accepted for Transformer's signature)."""
-        return V4Cache(len(self.layers))
+        """An empty cache (grows as tokens arrive; batch and capacity are accepted for Transformer's signature);
+        extra_layers more layer caches after the main ones (speculative decoding's MTP layer)."""
+        return V4Cache(len(self.layers) + extra_layers)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: V4Cache | None = None, start: int = 0,
                       pad: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
         """input_ids (B, T) at positions start..start+T -> final-normed hidden states (B, T, D)."""
+        return self.norm(self.hc_head(self.streams(input_ids, cache, start, pad, check)))
+
+    def streams(self, input_ids: torch.Tensor, cache: V4Cache | None = None, start: int = 0,
+                pad: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+        """input_ids (B, T) -> the last block's hyper-connected streams (B, T, N, D), before the HyperHead
+        (what MTP depth 0 reads)."""
         if pad is not None and bool((pad > 0).any()):
             raise ValueError("DeepSeek-V4 does not take left-padded batches (its compressed windows are "
                              "positional): run rows of different lengths separately (dsmoe.generate does)")
@@ -154,7 +165,22 @@ class V4Transformer(nn.Module):
         h = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # (B, T, N, D)
         for i, block in enumerate(self.layers):
             h = block(h, input_ids, pos, ropes, self.rope, None if cache is None else cache.layers[i])
-        return self.norm(self.hc_head(h))
+        return h
+
+    def mtp_hidden(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache=None,
+                   start: int = 0) -> torch.Tensor:
+        """MTP depth `depth` at positions start..start+T: h_prev (B, T, N, D) the previous depth's streams
+        (streams() for depth 0), next_ids (B, T) the tokens one place ahead -> its streams (B, T, N, D).
+        cache: a V4LayerCache for this depth (the MTP layer keeps its own sliding window)."""
+        B, T = next_ids.shape
+        pos = torch.arange(start, start + T, device=next_ids.device).expand(B, T)
+        ropes = {k: self.rope(pos, k, h_prev.dtype) for k in ("main", "compress")}
+        return self.mtp[depth](h_prev, self.embed(next_ids), next_ids, pos, ropes, self.rope, cache)
+
+    def mtp_logits(self, depth: int, h: torch.Tensor) -> torch.Tensor:
+        """MTP depth `depth`'s streams (B, T, N, D) -> logits (B, T, V) in fp32 (its hc_head and norm, the
+        shared output head)."""
+        return self.head(self.mtp[depth].logits_input(h)).float()
 
     def forward(self, input_ids: torch.Tensor, cache: V4Cache | None = None, start: int = 0,
                 pad: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:

@@ -208,12 +208,15 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     with_mtp = None
     if cfg.init is not None:
         with_mtp = model_source.checkpoint_has_mtp_dir(ckpt_dir if cfg.resume else cfg.init, base_config)
+    elif base_config.model_type == "deepseek_v4":  # V4 builds its MTP only when asked (dsmoe.model.v4)
+        with_mtp = base_config.num_nextn_predict_layers > 0
     sizes = model_source.meta_parameters(base_config, with_mtp)
     trainable = model_source.select_trainable([*sizes, *model_source.router_bias_names(base_config, with_mtp)], base_config,
                                               cfg.train_only, cfg.freeze)
     model_source.check_fits(cfg.model_name, sizes, trainable)
     torch.manual_seed(cfg.seed)
-    depth = sum(1 for name in sizes if name.startswith("mtp.") and name.endswith(".eh_proj.weight"))
+    depth = sum(1 for name in sizes if name.startswith("mtp.") and name.split(".", 2)[2] in ("eh_proj.weight",
+                                                                                            "e_proj.weight"))
     corpus = prepare_corpus(cfg, base_config, info, on_event, ckpt_dir if cfg.resume else None, depth)
     if cfg.init is not None:
         model_config = base_config
@@ -231,7 +234,7 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     elif cfg.init is not None:
         model = load_pretrained(cfg.init, dtype=torch.float32).train()
     else:
-        model = Transformer(model_config).train()
+        model = Transformer(model_config, with_mtp=with_mtp).train()
     n_trainable, n_params = model_source.apply_trainable(model, trainable)
     bias_names = {id(b): n for n, b in model.named_buffers() if n.endswith(".ffn.gate.bias")}
     if info.distributed:

@@ -163,7 +163,7 @@ def check_fits(what: str, sizes: dict[str, int], trainable: set[str], available:
                          "or --train-only / --freeze part of it")
     return need
 def checkpoint_has_mtp_dir(directory: Path, config: ModelConfig) -> bool:
-    """Whether the checkpoint in `directory` holds DeepSeek-V3 MTP modules (load_pretrained then builds them)."""
+    """Whether the checkpoint in `directory` holds DeepSeek-V3 / V4 MTP modules (load_pretrained then builds them)."""
     from ..checkpoint.names import checkpoint_has_mtp
     from ..checkpoint.shards import ShardReader
 
@@ -177,5 +177,6 @@ def router_bias_names(config: ModelConfig, with_mtp: bool | None) -> list[str]:
         return []
     layers = [f"layers.{i}" for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     depth = config.num_nextn_predict_layers if with_mtp in (None, True) else 0
-    layers += [f"mtp.{k}.block" for k in range(depth) if config.is_moe_layer(config.num_hidden_layers + k)]
+    block = "" if config.model_type == "deepseek_v4" else ".block"  # V4's MTP module is its block
+    layers += [f"mtp.{k}{block}" for k in range(depth) if config.is_moe_layer(config.num_hidden_layers + k)]
     return [f"{layer}.ffn.gate.bias" for layer in layers]

@@ -90,15 +90,17 @@ def compute_losses(model: Transformer, tokens: torch.Tensor, seq_len: int, setti
     """
     T = seq_len
     inputs = tokens[:, :T]
-    h = model.hidden_states(inputs)  # (B, T, D)
-    lm = F.cross_entropy(model.head(h).float().flatten(0, 1), tokens[:, 1:T + 1].flatten())
+    v4 = model.config.model_type == "deepseek_v4"  # V4's MTP reads the hyper-connected streams (B, T, N, D)
+    h = model.streams(inputs) if v4 else model.hidden_states(inputs)  # (B, T, [N,] D)
+    out = model.head(model.norm(model.hc_head(h))) if v4 else model.head(h)
+    lm = F.cross_entropy(out.float().flatten(0, 1), tokens[:, 1:T + 1].flatten())
     total = lm
     mtp = None
     if model.mtp:
         depth_losses = []
         for k in range(1, len(model.mtp) + 1):
             h = model.mtp_hidden(k - 1, h, tokens[:, k:T + k])  # inputs t_{i+k}, predicts t_{i+k+1}
-            logits = model.head(model.mtp[k - 1].norm(h)).float()
+            logits = model.mtp_logits(k - 1, h) if v4 else model.head(model.mtp[k - 1].norm(h)).float()
             depth_losses.append(F.cross_entropy(logits.flatten(0, 1), tokens[:, k + 1:T + k + 1].flatten()))
         mtp = torch.stack(depth_losses).mean()
         total = total + mtp_weight * mtp

@@ -99,8 +99,9 @@ def evaluate_tokens(model: Transformer, ids: torch.Tensor, n_bytes: int, seq_len
     for done, (begin, end, first) in enumerate(plan):
         window = ids[begin:end].unsqueeze(0)  # (1, L)
         length = end - begin
-        h = model.hidden_states(window)  # (1, L, D)
-        logits = model.head(h).float()[0]  # (L, V): row i predicts token i + 1
+        v4 = model.config.model_type == "deepseek_v4"  # V4's MTP reads the streams (1, L, N, D)
+        h = model.streams(window) if v4 else model.hidden_states(window)  # (1, L, [N,] D)
+        logits = (model.head(model.norm(model.hc_head(h))) if v4 else model.head(h)).float()[0]  # (L, V)
         rows = torch.arange(first - 1 - begin, length - 1)  # rows predicting the scored tokens first..end-1
         log_p = F.log_softmax(logits[rows], dim=-1)
         result.nll -= float(log_p.gather(1, window[0, rows + 1].unsqueeze(1)).sum())
@@ -115,7 +116,8 @@ def evaluate_tokens(model: Transformer, ids: torch.Tensor, n_bytes: int, seq_len
             if usable < 2:
                 break
             prev = model.mtp_hidden(k - 1, prev[:, :usable], window[:, k:k + usable])
-            draft = model.head(model.mtp[k - 1].norm(prev)).float()[0].argmax(-1)  # (usable,)
+            draft = (model.mtp_logits(k - 1, prev) if v4 else model.head(model.mtp[k - 1].norm(prev)).float()
+                     )[0].argmax(-1)  # (usable,)
             i = torch.arange(usable - 1)  # token i + k + 1 exists
             i = i[i + k + 1 >= first - begin]  # only tokens scored by this window
             result.mtp_drafts[k - 1] += i.numel()

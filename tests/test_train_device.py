@@ -94,20 +94,22 @@ def test_training_runs_on_the_test_device(corpus, tmp_path, device, default_run)
 
 
 def test_resume_may_change_device_and_checkpointing_from_the_command_line(corpus, tmp_path, default_run):
+    """The flags as the CLI reads them: a run started with --device auto resumes with --device cpu
+    --checkpoint-activations (both reported as changes) and continues the same losses."""
+    from dsmoe.cli.train import build_config
+
     out = tmp_path / "run"
-    base = ["--data", str(corpus), "--out", str(out), "--batch-size", "4", "--seq-len", "32", "--eval-every", "3",
-            "--vocab-size", "300", "--save-every", "2"]
-    env = dict(os.environ)
-    first = subprocess.run([sys.executable, "-m", "dsmoe", "train", *base, "--steps", "4", "--device", "auto"],
-                           capture_output=True, text=True, timeout=300, env=env)
-    assert first.returncode == 0, first.stderr
-    _back_to_step_2(out)
+    base = ["train", "--data", str(corpus), "--out", str(out), "--batch-size", "4", "--seq-len", "32",
+            "--eval-every", "3", "--vocab-size", "300", "--save-every", "2", "--steps", "4"]
+    cfg, _ = build_config(build_parser().parse_args([*base, "--device", "auto"]))
+    train(cfg)
     assert json.loads((out / "run.json").read_text())["device"] == "auto"
-    resumed = subprocess.run([sys.executable, "-m", "dsmoe", "train", *base, "--steps", "4", "--resume",
-                              "--device", "cpu", "--checkpoint-activations"],
-                             capture_output=True, text=True, timeout=300, env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "--device auto -> cpu" in resumed.stderr
+    _back_to_step_2(out)
+    cfg, notes = build_config(build_parser().parse_args([*base, "--resume", "--device", "cpu",
+                                                         "--checkpoint-activations"]))
+    assert (cfg.device, cfg.checkpoint_activations) == ("cpu", True)
+    assert "--device auto -> cpu" in notes and "--checkpoint-activations False -> True" in notes
+    train(cfg)
     assert _losses(out) == pytest.approx(default_run, rel=1e-6, abs=0)
 
 
@@ -134,14 +136,19 @@ def test_checkpointed_activations_give_the_same_losses_and_gradients(preset):
     assert checkpoint_activations(wrapped) == 3
     tokens = torch.randint(0, config.vocab_size, (2, 18 + len(plain.mtp)))
     settings = BalanceSettings.paper_defaults(config)
-    results = []
+    results, calls = [], []
     for model in (plain, wrapped):
+        seen = []
+        hook = model.layers[1].attn.register_forward_hook(lambda *_: seen.append(1))
         losses = compute_losses(model, tokens, 16, settings, 0.3)
         losses.total.backward()
+        hook.remove()
+        calls.append(len(seen))
         results.append((losses.as_floats(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (floats_a, grads_a), (floats_b, grads_b) = results
     assert floats_b == pytest.approx(floats_a, rel=1e-6, abs=1e-7)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert calls == [1, 2]  # the wrapped block really ran again in the backward pass
     assert list(wrapped.state_dict()) == list(plain.state_dict())  # the names checkpoints use are unchanged

@@ -253,7 +253,8 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         parallel.broadcast_parameters(model, info)
         for warning in plan.warnings:
             on_event({"event": "status", "message": warning})
-    my_rows = parallel.split_batch(torch.arange(cfg.batch_size, device=device), info)  # this rank's rows of each global batch
+    # this rank's rows of each global batch
+    my_rows = parallel.split_batch(torch.arange(cfg.batch_size, device=device), info)
     optimizer = make_optimizer(parameter_groups(model, cfg.weight_decay), cfg.lr, device)
     if cfg.resume:
         saved = _upgrade_optimizer_state(state["optimizer"], model, optimizer)

@@ -70,7 +70,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="DIR")
     p.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint with its recorded settings; only "
-                          "--steps, --save-every, --eval-every and --ep may change")
+                          "--steps, --save-every, --eval-every, --ep, --device and --checkpoint-activations may change")
     opt("--steps", d.steps, type=_positive_int, metavar="N")
     opt("--seed", d.seed, type=int, metavar="S")
     opt("--save-every", d.save_every, "checkpoint every K steps; the newest 2 are kept", type=_positive_int,
@@ -91,6 +91,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     opt("--min-lr-ratio", d.min_lr_ratio, "final learning rate / --lr", type=_fraction, metavar="R")
     opt("--weight-decay", d.weight_decay, type=_non_negative_float, metavar="WD")
     opt("--dtype", d.dtype, "bf16: autocast over fp32 master weights", choices=("fp32", "bf16"))
+    opt("--device", d.device, "where to train: cpu, cuda, cuda:N or auto (cuda if available, else cpu); under "
+        "torchrun a bare cuda is cuda:LOCAL_RANK and the ranks talk over NCCL", metavar="DEVICE")
+    p.add_argument("--checkpoint-activations", action="store_true", default=None,
+                   help="recompute each decoder block's activations in the backward pass: less memory, about "
+                        "one more forward per step (default: off)")
     opt("--mtp-weight", d.mtp_weight, "weight of the multi-token-prediction loss (V3)", type=_non_negative_float,
         metavar="LAMBDA")
     opt("--ep", 1, "expert-parallel ranks; under torchrun with N processes, N = E x data-parallel ranks",
@@ -129,7 +134,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 _FIELDS = ("preset", "config", "init", "train_only", "freeze", "out", "steps", "seed", "save_every", "eval_every",
            "data", "data_field", "strict_data", "batch_size", "seq_len", "vocab_size", "lr", "warmup", "min_lr_ratio",
-           "weight_decay", "dtype",
+           "weight_decay", "dtype", "device", "checkpoint_activations",
            "mtp_weight", "ep", "capacity_factor", "drop_level", "drop_protect", "indexer_warmup_steps")
 
 
@@ -197,9 +202,12 @@ def _finished_run(cfg: Any, given: dict[str, Any]) -> int | None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    import os
+
     from .. import parallel
     from ..train.data import DataError
     from ..train.loop import TrainingError, train
+    from ..train.placement import training_device
     from .train_console import Console
 
     try:
@@ -212,13 +220,18 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"{cfg.out} already holds this run, finished at step {finished}: nothing to do (--resume --steps N "
               "trains it longer; another --out starts a new run)", file=sys.stderr)
         return 0
-    info = parallel.init_distributed(cfg.ep, config.n_routed_experts)
+    try:
+        device = training_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    except TrainingError as err:
+        raise CLIError(str(err)) from None
+    info = parallel.init_distributed(cfg.ep, config.n_routed_experts,
+                                     backend="nccl" if device.type == "cuda" else "gloo")
     console = Console(cfg, quiet=not info.is_main)
     for note in notes:
         console.line(f"--resume: {note}")
     try:
         with console:
-            final = train(cfg, console.on_event, info, interruptible=True)
+            final = train(cfg, console.on_event, info, interruptible=True, device=device)
     except (TrainingError, DataError) as err:
         raise CLIError(str(err)) from None
     except KeyboardInterrupt:

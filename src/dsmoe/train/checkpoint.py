@@ -36,13 +36,22 @@ PUBLISHED = ("config.json", "model.safetensors", "tokenizer.json")
 KEEP = 2
 
 
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The RNG states a resumed run restores: torch's CPU generator, Python's and, when training on CUDA,
+    that GPU's generator (a CPU ByteTensor, so the checkpoint loads anywhere)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore rng_state()'s states; the CUDA generator's only when resuming on CUDA from a CUDA run (a run
+    moved between devices continues with the new device's generator as it is)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(out: Path, model: Transformer, files: str | dict[str, bytes], state: dict[str, Any]) -> Path:
@@ -84,7 +93,7 @@ def load_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
     directory = current.resolve()
     path = directory / STATE_FILE
     try:
-        return directory, torch.load(path, weights_only=False)
+        return directory, torch.load(path, weights_only=False, map_location="cpu")
     except Exception as err:  # missing, truncated, not a zip archive, unpickling errors: all mean unusable
         reason = "missing" if not path.exists() else f"unreadable: {type(err).__name__}"
         older = sorted(p.name for p in out.glob("step-*") if p.is_dir() and p.name != directory.name

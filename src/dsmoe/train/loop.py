@@ -26,6 +26,7 @@ from ..parallel import ParallelInfo
 from . import balance, checkpoint, data, indexer, metrics, model_source, run_record
 from .errors import TrainingError
 from .interrupt import StopRequest
+from .placement import autocast, checkpoint_activations, make_optimizer, to_cpu, training_device
 from .prepare import prepare_corpus
 from .objective import BalanceSettings, compute_losses, dropped_fraction, expert_loads, update_biases
 
@@ -71,6 +72,10 @@ class TrainConfig:
     indexer_warmup_steps: int = 0  # V3.2 (DSA): steps of dense warm-up training only the indexers (train/indexer.py)
     # (step, lr) where a resume with another --steps re-anchored the cosine decay (None: the plain schedule)
     lr_anchor: tuple[int, float] | None = None
+    # Where the steps run (cpu, cuda, cuda:N, auto); recorded, and may change on --resume (the result does not
+    # depend on it beyond rounding). train/placement.py.
+    device: str = "auto"
+    checkpoint_activations: bool = False  # recompute each decoder block's activations in the backward pass
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -170,7 +175,8 @@ def _upgrade_optimizer_state(saved: dict[str, Any], model: torch.nn.Module,
 
 
 def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda event: None,
-          info: ParallelInfo = parallel.groups.SINGLE, interruptible: bool = False) -> dict[str, Any]:
+          info: ParallelInfo = parallel.groups.SINGLE, interruptible: bool = False,
+          device: torch.device | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the final metrics record.
 
     interruptible: a first Ctrl-C (SIGINT) during the steps finishes the current step, saves a checkpoint
@@ -180,7 +186,13 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
     Under torchrun, `info` places this process in the EP x DP grid: every rank builds the same full
     model, then its experts are sharded and each rank trains on its slice of every global batch
     (dsmoe.parallel). Only the main rank logs, reports events and writes checkpoints.
+
+    device: where the model, batches, optimizer state and evaluation live (None: `cfg.device` resolved, with
+    cuda:LOCAL_RANK for a bare `cuda` under torchrun). Checkpoints are written from CPU copies.
+    TrainingError naming --device for a device this machine does not have.
     """
+    if device is None:
+        device = training_device(cfg.device, info.local_rank if info.distributed else None)
     if cfg.ep != info.ep_size:
         raise ValueError(f"TrainConfig.ep={cfg.ep} but the process grid has ep_size={info.ep_size}: pass the "
                          "ParallelInfo that init_distributed(cfg.ep, ...) returned")
@@ -230,11 +242,13 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
 
     on_event({"event": "status", "message": "building the model"})
     if cfg.resume:
-        model = load_pretrained(ckpt_dir, dtype=torch.float32).train()
+        model = load_pretrained(ckpt_dir, dtype=torch.float32, device=device).train()
     elif cfg.init is not None:
-        model = load_pretrained(cfg.init, dtype=torch.float32).train()
-    else:
-        model = Transformer(model_config, with_mtp=with_mtp).train()
+        model = load_pretrained(cfg.init, dtype=torch.float32, device=device).train()
+    else:  # initialised on the CPU (the same weights for a seed on every device), then moved
+        model = Transformer(model_config, with_mtp=with_mtp).to(device).train()
+    if cfg.checkpoint_activations:
+        checkpoint_activations(model)
     n_trainable, n_params = model_source.apply_trainable(model, trainable)
     bias_names = {id(b): n for n, b in model.named_buffers() if n.endswith(".ffn.gate.bias")}
     if info.distributed:
@@ -242,14 +256,15 @@ def train(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None] = lambda 
         parallel.broadcast_parameters(model, info)
         for warning in plan.warnings:
             on_event({"event": "status", "message": warning})
-    my_rows = parallel.split_batch(torch.arange(cfg.batch_size), info)  # this rank's rows of each global batch
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    # this rank's rows of each global batch
+    my_rows = parallel.split_batch(torch.arange(cfg.batch_size, device=device), info)
+    optimizer = make_optimizer(parameter_groups(model, cfg.weight_decay), cfg.lr, device)
     if cfg.resume:
         saved = _upgrade_optimizer_state(state["optimizer"], model, optimizer)
         if info.distributed:
             saved = parallel.shard_optimizer_state(saved, model, info, optimizer)
         optimizer.load_state_dict(saved)
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"], device)
     log = (metrics.MetricsLog(cfg.out / "metrics.jsonl", truncate_after=state["step"] if cfg.resume else 0)
            if info.is_main else None)
     if cfg.resume:
@@ -284,19 +299,20 @@ def _steps(cfg: TrainConfig, on_event: Callable[[dict[str, Any]], None], info: P
     depth = len(model.mtp)
     position, record = state["position"], {}
     dsa = model.config.uses_dsa
+    device = my_rows.device  # the model's
     for step in range(state["step"], cfg.steps):
         began = time.perf_counter()
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         tokens, position = train_stream.shuffled_windows(position, cfg.batch_size, cfg.seq_len, depth, cfg.seed)
-        tokens = parallel.split_batch(tokens, info)  # this rank's rows of the global batch
+        tokens = parallel.split_batch(tokens, info).to(device)  # this rank's rows of the global batch
         if dropping is not None:
             model.set_token_dropping(dropping, protected_sequences(step * cfg.batch_size + my_rows, cfg.drop_protect))
         stage = indexer.stage_for(step, cfg.indexer_warmup_steps) if dsa else None
         if dsa:
             indexer.set_stage(model, stage)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        with autocast(device, cfg.dtype):
             losses = compute_losses(model, tokens, cfg.seq_len, settings, cfg.mtp_weight)
             if dsa:  # warm-up: the indexers' KL alone (all else frozen); sparse: added to the model's loss
                 kl = indexer.indexer_loss(model)
@@ -345,13 +361,14 @@ def _save(cfg: TrainConfig, model: Transformer, optimizer: torch.optim.Optimizer
     """Every rank joins the gathering of expert shards; the main rank writes one full checkpoint, which
     any number of processes can resume from (the same number when tokens are dropped: `dropping`)."""
     full_model, full_optimizer = model, optimizer.state_dict()
+    device = next(model.parameters()).device
     if info.distributed:
         full_model = parallel.unshard_experts(model, info)
         full_optimizer = parallel.full_optimizer_state(optimizer, model, info)
     if info.is_main:
         checkpoint.save_checkpoint(cfg.out, full_model, files, {
-            "step": step, "position": position, "optimizer": full_optimizer,
-            "rng": checkpoint.rng_state(), "train_config": run_record.record(cfg), "dropping": dropping})
+            "step": step, "position": position, "optimizer": to_cpu(full_optimizer),
+            "rng": checkpoint.rng_state(device), "train_config": run_record.record(cfg), "dropping": dropping})
         run_record.write_record(cfg.out, cfg)
     parallel.barrier(info)
 
@@ -363,9 +380,10 @@ def evaluate(model: Transformer, stream: data.TokenStream, cfg: TrainConfig,
     was_training = model.training
     model.eval()
     total, position = 0.0, 0
+    device = next(model.parameters()).device
     for _ in range(cfg.eval_batches):
         tokens, position = stream.windows(position, cfg.batch_size, cfg.seq_len)
-        tokens = parallel.split_batch(tokens, info)
+        tokens = parallel.split_batch(tokens, info).to(device)
         logits = model(tokens[:, :cfg.seq_len])
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:cfg.seq_len + 1].flatten()))
     model.train(was_training)

@@ -20,7 +20,7 @@ from .errors import TrainingError
 
 RUN_FILE = "run.json"
 # May differ on --resume (reported); everything else recorded must match.
-MUTABLE = ("steps", "save_every", "eval_every", "eval_batches", "strict_data")
+MUTABLE = ("steps", "save_every", "eval_every", "eval_batches", "strict_data", "device", "checkpoint_activations")
 NOT_RECORDED = ("out", "resume", "ep")
 _BALANCE_FLAGS = {"schemes": "--balance", "devices": "--devices", "max_devices": "--max-devices"}
 _FLAGS = {"overrides": "--set", "preset": "--preset", "config": "--config", "data_field": "--field"}

@@ -23,8 +23,9 @@ convert_hf_to_gguf.py to GGUF F32 and BF16 (benchmarks/llamacpp.py; llama.cpp's 
    * peak RSS: the process's peak (getrusage of the child) in the decode-after-2048 run; for dsmoe also the
      peak while decoding only (VmHWM reset after the prefill) and the peak of a process that only imports torch
      and dsmoe (the PyTorch runtime, which issue 16's RSS target subtracts).
-   llama.cpp runs its defaults otherwise (its K/V cache in the model's type: f32 / bf16, flash attention auto);
-   the medians over rounds are reported.
+   llama.cpp runs llama-bench's defaults otherwise (f16 K/V cache: llama-bench has no f32 cache type; flash
+   attention auto). MLA's cache is 160 values per token per layer here (2.6 MB at 2048 tokens in f16), so its
+   type barely moves time or memory. The medians over rounds are reported.
 
 Heavy (minutes on 2 cores, ~1 GiB of files under --work): not part of the test suite.
 """
@@ -39,7 +40,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +50,6 @@ import llamacpp  # noqa: E402
 from serve_http import free_port, launch, stop_server, wait_ready  # noqa: E402
 
 GGUF_TYPES = {"fp32": "f32", "bf16": "bf16"}
-CACHE_TYPES = {"fp32": "f32", "bf16": "bf16"}
 MEASUREMENTS = ("prefill", "decode@256", "decode@2048")
 
 
@@ -115,33 +114,39 @@ def ratio_table(summary: dict, dtypes: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- processes
 
+# A small launcher between this process and each measured one: Linux carries the parent's peak RSS into a
+# child's ru_maxrss across fork + exec, and this process holds a model while checking; the launcher is small.
+_LAUNCH = """
+import os, sys
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\nMAXRSS_KIB {usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(cmd: list[str], env: dict) -> tuple[str, int]:
-    """Run cmd -> (stdout, its peak RSS in bytes: ru_maxrss of that child alone, through os.wait4)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage, not all children's
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        text, errors = out.read(), err.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {errors[-1500:]}")
-    return text, usage.ru_maxrss * 1024
+    """Run cmd -> (stdout, its own peak RSS in bytes, from wait4 in a small launcher process)."""
+    done = subprocess.run([sys.executable, "-c", _LAUNCH, *cmd], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({done.returncode}): {done.stderr[-1500:]}")
+    kib = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("MAXRSS_KIB ")]
+    return done.stdout, int(kib[-1]) * 1024
 
 
 def llama_measure(bin_dir: Path, gguf: Path, dtype: str, measurement: str, args) -> dict:
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads), "-r", "1", "-o", "json",
-           "-ctk", CACHE_TYPES[dtype], "-ctv", CACHE_TYPES[dtype],
            *bench_args(measurement, args.prefill, args.decode_tokens)]
     text, peak = run_measured(cmd, llamacpp.child_env(args.threads))
     test = json.loads(text)[0]
-    return {"tokens_per_s": test["avg_ts"], "peak_rss_bytes": peak, "flash_attn": test.get("flash_attn")}
+    return {"tokens_per_s": test["avg_ts"], "peak_rss_bytes": peak, "flash_attn": test.get("flash_attn"),
+            "type_k": test.get("type_k")}
 
 
 def dsmoe_measure(checkpoint: Path, dtype: str, measurement: str, args) -> dict:
     job = {"checkpoint": str(checkpoint), "dtype": dtype, "measurement": measurement, "prefill": args.prefill,
            "decode_tokens": args.decode_tokens, "threads": args.threads}
-    text, peak = run_measured([sys.executable, __file__, "--worker", json.dumps(job)],
+    text, peak = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
                               llamacpp.child_env(args.threads))
     result = json.loads(text.strip().splitlines()[-1])
     result["peak_rss_bytes"] = peak
@@ -227,8 +232,16 @@ def check_same_model(bin_dir: Path, gguf: Path, checkpoint: Path, dtype: str, ar
         mine = generate(model, torch.tensor([prompt]), len(theirs))[0, len(prompt):].tolist()  # prompt + new
         logits = model(torch.tensor([prompt + theirs]))[0, len(prompt) - 1:-1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
-    ours = [{e["id"]: float(logprobs[i, e["id"]]) for e in s["top_logprobs"]} for i, s in enumerate(steps)]
-    result = compare_logprobs(steps, ours)
+        ours = [{e["id"]: float(logprobs[i, e["id"]]) for e in s["top_logprobs"]} for i, s in enumerate(steps)]
+        result = compare_logprobs(steps, ours)
+        if dtype != "fp32":  # also: fp32 arithmetic on the same rounded weights (llama.cpp keeps f32 activations)
+            wide = model.float()
+            greedy = generate(wide, torch.tensor([prompt]), len(theirs))[0, len(prompt):].tolist()
+            lp = torch.log_softmax(wide(torch.tensor([prompt + theirs]))[0, len(prompt) - 1:-1].float(), dim=-1)
+            alt = compare_logprobs(steps, [{e["id"]: float(lp[i, e["id"]]) for e in s["top_logprobs"]}
+                                           for i, s in enumerate(steps)])
+            alt["greedy_identical"] = common_prefix(greedy, theirs)
+            result["dsmoe_fp32_compute_on_rounded_weights"] = alt
     result.update({"greedy_tokens": len(theirs), "greedy_identical": common_prefix(mine, theirs),
                    "prompt_tokens": answer.get("tokens_evaluated"), "dtype": dtype, "gguf": gguf.name})
     return result
@@ -298,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r} {m} {d}: dsmoe {runs[d][m]['dsmoe'][-1]['tokens_per_s']:.1f} tok/s, llama.cpp "
                       f"{runs[d][m]['llama.cpp'][-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
         loads.append(os.getloadavg())
-    _, baseline_rss = run_measured([sys.executable, __file__, "--worker", json.dumps(
+    _, baseline_rss = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(
         {"measurement": "baseline", "threads": args.threads})], llamacpp.child_env(args.threads))
 
     summary: dict = {}
@@ -314,11 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(ratio_table(summary, args.dtypes)))
     for d in args.dtypes:
         rss = summary[d]["peak_rss_bytes"]
+        net = (rss["dsmoe"] - baseline_rss) / rss["llama.cpp"]
+        summary[d]["rss_ratio_less_runtime"] = net
         print(f"{d} peak RSS (decode after 2048): dsmoe {rss['dsmoe'] / 2**20:.0f} MiB "
-              f"(import torch+dsmoe alone: {baseline_rss / 2**20:.0f} MiB), llama.cpp {rss['llama.cpp'] / 2**20:.0f} MiB")
+              f"(import torch+dsmoe alone: {baseline_rss / 2**20:.0f} MiB; the rest / llama.cpp: {net:.2f}x), "
+              f"llama.cpp {rss['llama.cpp'] / 2**20:.0f} MiB")
     for d, c in checks.items():
         print(f"same model {d}: greedy {c['greedy_identical']}/{c['greedy_tokens']} identical, max |dlogprob| "
               f"{c['max_abs_logprob_diff']:.2e}, top-10 KL mean {c['kl_top_mean']:.2e} max {c['kl_top_max']:.2e}")
+        if "dsmoe_fp32_compute_on_rounded_weights" in c:
+            a = c["dsmoe_fp32_compute_on_rounded_weights"]
+            print(f"  dsmoe fp32 arithmetic on the {d} weights: greedy {a['greedy_identical']}/{c['greedy_tokens']}, "
+                  f"max |dlogprob| {a['max_abs_logprob_diff']:.2e}, top-10 KL mean {a['kl_top_mean']:.2e}")
     if args.json:
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

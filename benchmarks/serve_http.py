@@ -1,4 +1,5 @@
-"""Serving over HTTP: `dsmoe serve` against `transformers serve` on the same weights, same client, same requests.
+"""Serving over HTTP: `dsmoe serve` against `transformers serve` and llama.cpp's `llama-server` on the same weights,
+same client, same requests.
 
     python benchmarks/serve_http.py [--clients 1 8 32] [--requests-per-client 2] [--prompt-tokens 64]
                                     [--new-tokens 32] [--threads 2] [--cache-memory 256MiB]
@@ -21,7 +22,12 @@ for every request), and the script records per request:
 transformers serve is run plainly ("transformers") and with --continuous-batching ("transformers-cb"): the
 latter failed on DeepSeek-V3's MLA in transformers 5.23 (its paged cache sized keys by head_dim, not
 qk_head_dim); a server that fails is reported with its error, not measured. CPU timings on a shared machine
-are noisy: compare the rows of one run. transformers serve loads models with a device_map, which needs
+are noisy: compare the rows of one run.
+
+llama-server (`--servers llama-server --llama-cpp BUILD --llama-src SRC`, or `--llama-sdist TAR`; see
+benchmarks/llamacpp.py) serves the GGUF conversion (--dtype: F32 or BF16) of the same checkpoint, one server per
+number of clients C with `-np C`. With it in the run the checkpoint gets a byte-level BPE tokenizer that
+llama.cpp reads, and every server receives the same prompts as token-id lists. transformers serve loads models with a device_map, which needs
 `accelerate` installed (pip install accelerate); dsmoe does not.
 """
 

@@ -51,8 +51,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-import llamacpp  # noqa: E402
-from decode import MODEL, build_checkpoint  # noqa: E402
+import llamacpp
+from decode import MODEL, build_checkpoint
 
 
 def free_port() -> int:

@@ -46,8 +46,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-import llamacpp  # noqa: E402
-from serve_http import free_port, launch, stop_server, wait_ready  # noqa: E402
+import llamacpp
+from serve_http import free_port, launch, stop_server, wait_ready
 
 GGUF_TYPES = {"fp32": "f32", "bf16": "bf16"}
 MEASUREMENTS = ("prefill", "decode@256", "decode@2048")
@@ -127,7 +127,8 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def run_measured(cmd: list[str], env: dict) -> tuple[str, int]:
     """Run cmd -> (stdout, its own peak RSS in bytes, from wait4 in a small launcher process)."""
-    done = subprocess.run([sys.executable, "-c", _LAUNCH, *cmd], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", _LAUNCH, *cmd], check=False, env=env,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed ({done.returncode}): {done.stderr[-1500:]}")
     kib = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("MAXRSS_KIB ")]

@@ -1,4 +1,5 @@
-"""Serving over HTTP: `dsmoe serve` against `transformers serve` on the same weights, same client, same requests.
+"""Serving over HTTP: `dsmoe serve` against `transformers serve` and llama.cpp's `llama-server` on the same weights,
+same client, same requests.
 
     python benchmarks/serve_http.py [--clients 1 8 32] [--requests-per-client 2] [--prompt-tokens 64]
                                     [--new-tokens 32] [--threads 2] [--cache-memory 256MiB]
@@ -21,7 +22,12 @@ for every request), and the script records per request:
 transformers serve is run plainly ("transformers") and with --continuous-batching ("transformers-cb"): the
 latter failed on DeepSeek-V3's MLA in transformers 5.23 (its paged cache sized keys by head_dim, not
 qk_head_dim); a server that fails is reported with its error, not measured. CPU timings on a shared machine
-are noisy: compare the rows of one run. transformers serve loads models with a device_map, which needs
+are noisy: compare the rows of one run.
+
+llama-server (`--servers llama-server --llama-cpp BUILD --llama-src SRC`, or `--llama-sdist TAR`; see
+benchmarks/llamacpp.py) serves the GGUF conversion (--dtype: F32 or BF16) of the same checkpoint, one server per
+number of clients C with `-np C`. With it in the run the checkpoint gets a byte-level BPE tokenizer that
+llama.cpp reads, and every server receives the same prompts as token-id lists. transformers serve loads models with a device_map, which needs
 `accelerate` installed (pip install accelerate); dsmoe does not.
 """
 
@@ -39,12 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import MODEL, build_checkpoint  # noqa: E402
+import llamacpp
+from decode import MODEL, build_checkpoint
 
 
 def free_port() -> int:
@@ -72,16 +80,30 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
             path.write_text(json.dumps(cfg, indent=2))
 
 
-def start_server(kind: str, directory: Path, port: int, threads: int, cache_memory: str) -> subprocess.Popen:
+def start_server(kind: str, directory: Path, port: int, threads: int, cache_memory: str,
+                 llama: LlamaServer | None = None, clients: int = 8, dtype: str = "fp32") -> subprocess.Popen:
+    """One server process on 127.0.0.1:port: dsmoe serve, transformers serve (plain or -cb), or llama-server
+    with `clients` slots (-np) on llama.gguf."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if kind == "dsmoe":
         cmd = [sys.executable, "-m", "dsmoe", "serve", "--model", str(directory), "--port", str(port),
-               "--served-model-name", "bench", "--cache-memory", cache_memory, "--max-running", "64"]
+               "--served-model-name", "bench", "--cache-memory", cache_memory, "--max-running", "64",
+               "--dtype", dtype]
+    elif kind == "llama-server":
+        if llama is None:
+            raise ValueError("llama-server needs --llama-cpp (a build) and --llama-src or --llama-sdist")
+        ctx = clients * llama.slot_tokens
+        cmd = llamacpp.server_command(llama.bin_dir, llama.gguf, port, threads, clients, ctx)
     else:
         cmd = ["transformers", "serve", str(directory), "--port", str(port), "--host", "127.0.0.1",
                "--device", "cpu", "--dtype", "float32"]
         if kind == "transformers-cb":
             cmd.append("--continuous-batching")
+    return launch(cmd, env)
+
+
+def launch(cmd: list[str], env: dict) -> subprocess.Popen:
+    """Start a server command in its own session, its output kept in a temporary file (server_log)."""
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc.log = log  # type: ignore[attr-defined]
@@ -117,9 +139,10 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int], new_tokens: int,
+                      extra: dict | None = None) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     began = time.perf_counter()
     first = last = None
     tokens = None
@@ -144,14 +167,17 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
 
 
 async def run_clients(url: str, model: str, clients: int, per_client: int, prompt_tokens: int, new_tokens: int,
-                      vocab: int, seed: int) -> dict:
+                      vocab: int, seed: int, token_ids: bool = False, extra: dict | None = None) -> dict:
+    """token_ids: send each prompt as a list of token ids instead of words (the same random ids either way).
+    extra: additional request fields for one server (llama-server: ignore_eos, as its GPT-2 vocab has a
+    default EOS id that a random model may emit)."""
     rng = random.Random(seed)
-    prompts = [[" ".join(f"w{rng.randrange(vocab)}" for _ in range(prompt_tokens)) for _ in range(per_client)]
-               for _ in range(clients)]
+    ids = [[[rng.randrange(vocab) for _ in range(prompt_tokens)] for _ in range(per_client)] for _ in range(clients)]
+    prompts = ids if token_ids else [[" ".join(f"w{t}" for t in p) for p in row] for row in ids]
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
         async def worker(i: int) -> list[dict]:
-            return [await one_request(client, url, model, p, new_tokens) for p in prompts[i]]
+            return [await one_request(client, url, model, p, new_tokens, extra) for p in prompts[i]]
 
         began = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
@@ -169,14 +195,38 @@ def _p99(values: list[float]) -> float:
 
 
 def print_table(rows: list[dict], failures: dict[str, str]) -> None:
-    print("| server | clients | requests | output tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| server | dtype | clients | requests | output tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['server']} | {r.get('dtype', 'fp32')} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
               f"{1000 * r['ttft_p50']:.0f} ms | {1000 * r['ttft_p99']:.0f} ms | {1000 * r['tpot_p50']:.1f} ms | "
               f"{1000 * r['tpot_p99']:.1f} ms |")
     for server, why in failures.items():
         print(f"\n{server}: not measured ({why})")
+
+
+@dataclass
+class LlamaServer:
+    """Where llama-server is, and the GGUF conversion of the benchmark checkpoint it serves."""
+
+    bin_dir: Path
+    gguf: Path
+    slot_tokens: int  # context per slot (-c = slots x this)
+
+
+def prepare_llama(args, directory: Path, work: Path) -> LlamaServer:
+    """Build or find llama.cpp and convert `directory` to GGUF at --dtype (benchmarks/llamacpp.py)."""
+    if args.llama_cpp is not None:
+        bin_dir = llamacpp.find_bin(args.llama_cpp)
+        src = args.llama_src or (llamacpp.source_dir(args.llama_sdist, work) if args.llama_sdist else args.llama_cpp)
+    elif args.llama_sdist is not None:
+        src = llamacpp.source_dir(args.llama_sdist, work)
+        bin_dir = llamacpp.build(src, work / "llama-build")
+    else:
+        raise SystemExit("serve_http.py: error: llama-server needs --llama-cpp DIR or --llama-sdist TAR")
+    outtype = {"fp32": "f32", "bf16": "bf16"}[args.dtype]
+    gguf = llamacpp.convert(src, directory, work / f"bench-{outtype}.gguf", outtype)
+    return LlamaServer(bin_dir, gguf, args.prompt_tokens + args.new_tokens + 64)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,36 +238,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-memory", default="256MiB")
     p.add_argument("--servers", nargs="+", default=["dsmoe", "transformers", "transformers-cb"],
-                   choices=["dsmoe", "transformers", "transformers-cb"])
+                   choices=["dsmoe", "transformers", "transformers-cb", "llama-server"])
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="dsmoe serve --dtype and the GGUF type for llama-server (transformers: always fp32)")
+    p.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
+                   help="a llama.cpp build (DIR, DIR/bin or DIR/build/bin holds llama-server, llama-bench)")
+    p.add_argument("--llama-src", type=Path, default=None, metavar="DIR",
+                   help="llama.cpp source with convert_hf_to_gguf.py (default: --llama-cpp itself)")
+    p.add_argument("--llama-sdist", type=Path, default=None, metavar="TAR",
+                   help="the llama-cpp-python sdist: source (and, without --llama-cpp, a build in a temp dir)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    with_llama = "llama-server" in args.servers
 
     rows: list[dict] = []
     failures: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "bench"
         build_checkpoint(directory)
-        write_tokenizer(directory, MODEL["vocab_size"])
+        llama = None
+        if with_llama:  # byte-level BPE that llama.cpp reads too; prompts go as token ids to every server
+            llamacpp.write_bpe_tokenizer(directory, MODEL["vocab_size"])
+            llama = prepare_llama(args, directory, Path(tmp))
+        else:
+            write_tokenizer(directory, MODEL["vocab_size"])
         for server in args.servers:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            proc = start_server(server, directory, port, args.threads, args.cache_memory)
-            try:
-                wait_ready(proc, url)
-                model = "bench" if server == "dsmoe" else str(directory)
-                asyncio.run(run_clients(url, model, 1, 1, 8, 4, MODEL["vocab_size"], seed=99))  # warm-up
-                for clients in args.clients:
-                    row = asyncio.run(run_clients(url, model, clients, args.requests_per_client, args.prompt_tokens,
-                                                  args.new_tokens, MODEL["vocab_size"], seed=clients))
-                    row["server"] = server
-                    rows.append(row)
-                    print(f"{server} x{clients}: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
-            except Exception as err:  # a server that cannot run this model: reported, not measured
-                tail = " ".join(server_log(proc).split()[-60:])
-                failures[server] = f"{type(err).__name__}: {str(err)[:300]}; server log: ...{tail[-600:]}"
-                print(f"{server}: failed: {failures[server]}", file=sys.stderr, flush=True)
-            finally:
-                stop_server(proc)
+            extra = {"ignore_eos": True} if server == "llama-server" else None
+            model = {"dsmoe": "bench", "llama-server": "bench"}.get(server, str(directory))
+            for clients in (args.clients if server == "llama-server" else [None]):
+                # llama-server's slots are fixed at start: one server per number of clients (-np C)
+                proc = start_server(server, directory, port, args.threads, args.cache_memory, llama,
+                                    clients or max(args.clients), args.dtype)
+                try:
+                    wait_ready(proc, url)
+                    asyncio.run(run_clients(url, model, 1, 1, 8, 4, MODEL["vocab_size"], seed=99,
+                                            token_ids=with_llama, extra=extra))  # warm-up
+                    for c in ([clients] if clients else args.clients):
+                        row = asyncio.run(run_clients(url, model, c, args.requests_per_client, args.prompt_tokens,
+                                                      args.new_tokens, MODEL["vocab_size"], seed=c,
+                                                      token_ids=with_llama, extra=extra))
+                        row["server"] = server + (f" -np {c}" if server == "llama-server" else "")
+                        row["dtype"] = "fp32" if server.startswith("transformers") else args.dtype
+                        rows.append(row)
+                        print(f"{row['server']} x{c}: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+                except Exception as err:  # a server that cannot run this model: reported, not measured
+                    tail = " ".join(server_log(proc).split()[-60:])
+                    failures[server] = f"{type(err).__name__}: {str(err)[:300]}; server log: ...{tail[-600:]}"
+                    print(f"{server}: failed: {failures[server]}", file=sys.stderr, flush=True)
+                finally:
+                    stop_server(proc)
     print_table(rows, failures)
     if args.json:
         meta = {"load_average": os.getloadavg(), "args": {k: str(v) for k, v in vars(args).items()}}

@@ -12,13 +12,24 @@ import torch
 DEVICE_CHOICES = "cpu, cuda, cuda:N, meta or auto"
 
 
-def resolve_device(device: str | torch.device | None, allow_meta: bool = True) -> torch.device:
+def resolve_device(device: str | torch.device | None, allow_meta: bool = True,
+                   local_rank: int | None = None) -> torch.device:
     """'auto' / None -> cuda (the current CUDA device) if torch.cuda.is_available(), else cpu; 'cpu',
     'cuda', 'cuda:N', 'meta' (allow_meta) -> that torch.device, checked to exist.
+
+    local_rank: under torchrun, a bare `cuda` (or `auto` picking CUDA) becomes cuda:LOCAL_RANK, one GPU per
+    local rank; an explicit cuda:N is kept as given.
 
     Raises ValueError naming the text for anything else: a misspelling, a device type dsmoe does not run on
     (mps, xla, ...), CUDA on a machine or torch build without it, or cuda:N past torch.cuda.device_count().
     """
+    dev = _resolve(device, allow_meta)
+    if local_rank is not None and dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", local_rank)
+    return dev
+
+
+def _resolve(device: str | torch.device | None, allow_meta: bool) -> torch.device:
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     text = device if isinstance(device, str) else str(device)

@@ -98,14 +98,9 @@ def resolve_device(text: str, local_rank: int | None = None):
 
     local_rank: under torchrun, a bare `cuda` (or `auto` picking CUDA) becomes cuda:LOCAL_RANK, one GPU per
     local rank; an explicit cuda:N is kept as given."""
-    import torch
-
     from ..device import resolve_device as _resolve
 
     try:
-        device = _resolve(text, allow_meta=False)
+        return _resolve(text, allow_meta=False, local_rank=local_rank or 0)
     except ValueError as err:
         raise CLIError(f"--device: {err}") from None
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank or 0)
-    return device

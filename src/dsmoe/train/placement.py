@@ -25,12 +25,9 @@ def training_device(text: str, local_rank: int | None = None) -> torch.device:
     `cuda` (or `auto` finding CUDA) is cuda:LOCAL_RANK, one GPU per local rank. TrainingError (one line,
     naming --device) for an unknown device or CUDA without CUDA."""
     try:
-        device = resolve_device(text, allow_meta=False)
+        return resolve_device(text, allow_meta=False, local_rank=local_rank or 0)
     except ValueError as err:
         raise TrainingError(f"--device: {err}") from None
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank or 0)
-    return device
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:

@@ -179,8 +179,8 @@ def create_app(engine: EngineLoop, tokenizer: Tokenizer, model_name: str, *, cha
         req = parse_chat(await read_json(request))
         check_model(req)
         if chat_template is None:
-            raise bad("messages", f"the model {model_name!r} has no chat template (tokenizer_config.json "
-                                  "chat_template): use /v1/completions", code="no_chat_template")
+            raise bad("messages", f"the model {model_name!r} has no chat template (neither chat_template.jinja "
+                                  "nor tokenizer_config.json's chat_template): use /v1/completions", code="no_chat_template")
         try:
             text = chat_template.render(req.messages, add_generation_prompt=True, **req.chat_template_kwargs)
         except ChatTemplateError as err:

@@ -34,7 +34,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients send (default: the directory's name)")
     p.add_argument("--cache-memory", default=None, metavar="SIZE",
-                   help="KV/latent cache pool size, e.g. 2GiB or 512MB (continuous-batching engine)")
+                   help="KV/latent cache pool size, e.g. 2GiB or 512MB (continuous-batching engine; default: 1GiB)")
     p.add_argument("--max-running", type=_positive_int, default=64, metavar="N",
                    help="sequences in the running batch at most (default 64)")
     p.add_argument("--max-waiting", type=_positive_int, default=256, metavar="N",

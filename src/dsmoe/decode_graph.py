@@ -92,17 +92,7 @@ class StaticDecodeStep:
     @torch.no_grad()
     def compute(self) -> torch.Tensor:
         """The step on the static inputs -> logits (B, V) fp32. Capturable: no host reads, fixed shapes."""
-        model, keys = self.model, self.keys
-        # a row's real keys: from its padding on, up to the new token; padding slots never (the new token
-        # always sees itself, as in Transformer.positions_and_mask)
-        visible = (keys[None, :] >= self.pad[:, None]) & (keys[None, :] <= self.pos)  # (B, L)
-        mask = visible[:, None, None, :]  # (B, 1, 1, L)
-        positions = (self.pos - self.pad).clamp(min=0)[:, None]  # (B, 1)
-        x = model.embed(self.token)
-        rope = model.rope(positions, x.dtype)
-        for block, cache in zip(model.layers, self.layers):
-            x = block(x, rope, cache, 0, mask)
-        return model.head(model.norm(x)[:, -1]).float()
+        return _static_step(self)
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
         if not 0 <= position < self.capacity:
@@ -110,6 +100,45 @@ class StaticDecodeStep:
         self.token.copy_(token.view(-1, 1))
         self.pos.fill_(position)
         return self.compute()
+
+
+def _static_step(step: StaticDecodeStep) -> torch.Tensor:
+    """StaticDecodeStep.compute's body: a free function, so that one torch.compile of it serves every step object
+    (dynamo keys its compiled code on this function and guards on the shapes it sees)."""
+    model, keys = step.model, step.keys
+    # a row's real keys: from its padding on, up to the new token; padding slots never (the new token
+    # always sees itself, as in Transformer.positions_and_mask)
+    visible = (keys[None, :] >= step.pad[:, None]) & (keys[None, :] <= step.pos)  # (B, L)
+    mask = visible[:, None, None, :]  # (B, 1, 1, L)
+    positions = (step.pos - step.pad).clamp(min=0)[:, None]  # (B, 1)
+    x = model.embed(step.token)
+    rope = model.rope(positions, x.dtype)
+    for block, cache in zip(model.layers, step.layers):
+        x = block(x, rope, cache, 0, mask)
+    return model.head(model.norm(x)[:, -1]).float()
+
+
+_compiled_static_step = None
+
+
+class CompiledDecodeStep(StaticDecodeStep):
+    """StaticDecodeStep compiled by torch.compile (inductor), for the CPU above all (issue 16).
+
+    An eager decode step dispatches ~1000 PyTorch operators, most of them tiny (norms, rope, residuals, the
+    router's arithmetic): on a CPU that overhead costs more than the matrix products. Compiled, the elementwise
+    work becomes a few fused C++ loops and the matrix products stay calls to dsmoe's decode kernels
+    (ops/cpu_kernels.py), which torch.compile sees as opaque operators. The first step of a new shape compiles
+    (~15-30 s on 2 cores; PyTorch caches the generated code on disk, so later processes load it faster);
+    after a second shape PyTorch recompiles once with symbolic sizes and reuses that for any cache length.
+    Same results as StaticDecodeStep (tests/test_decode_graph.py); the eager step stays the slow twin.
+    """
+
+    @torch.no_grad()
+    def compute(self) -> torch.Tensor:
+        global _compiled_static_step
+        if _compiled_static_step is None:
+            _compiled_static_step = torch.compile(_static_step)
+        return _compiled_static_step(self)
 
 
 class CUDAGraphDecodeStep(StaticDecodeStep):
@@ -159,4 +188,4 @@ class CUDAGraphDecodeStep(StaticDecodeStep):
         return self.logits
 
 
-__all__ = ["CUDAGraphDecodeStep", "DEFAULT_BUCKETS", "StaticDecodeStep", "bucket_for"]
+__all__ = ["CUDAGraphDecodeStep", "CompiledDecodeStep", "DEFAULT_BUCKETS", "StaticDecodeStep", "bucket_for"]

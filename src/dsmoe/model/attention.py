@@ -13,7 +13,8 @@ from torch import nn
 from ..config import ModelConfig
 from .cache import KVCache, LatentCache
 from .dsa import LightningIndexer, indexed_attention
-from .layers import RMSNorm, apply_rope
+from ..ops.cpu_kernels import small_batch_kernels
+from .layers import Linear, RMSNorm, apply_rope
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -79,10 +80,10 @@ class GQAttention(nn.Module):
         bias = config.attention_bias
         self.head_dim = head_dim
         self.scale = config.softmax_scale
-        self.wq = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.wk = nn.Linear(dim, kv_heads * head_dim, bias=bias)
-        self.wv = nn.Linear(dim, kv_heads * head_dim, bias=bias)
-        self.wo = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.wq = Linear(dim, heads * head_dim, bias=bias)
+        self.wk = Linear(dim, kv_heads * head_dim, bias=bias)
+        self.wv = Linear(dim, kv_heads * head_dim, bias=bias)
+        self.wo = Linear(heads * head_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None, start: int = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,15 +120,15 @@ class MLAttention(nn.Module):
         bias = config.attention_bias
         qk_dim = self.nope_dim + self.rope_dim
         if self.q_rank is None:
-            self.wq = nn.Linear(dim, heads * qk_dim, bias=False)
+            self.wq = Linear(dim, heads * qk_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(dim, self.q_rank, bias=bias)
+            self.wq_a = Linear(dim, self.q_rank, bias=bias)
             self.q_norm = RMSNorm(self.q_rank)
-            self.wq_b = nn.Linear(self.q_rank, heads * qk_dim, bias=False)
-        self.wkv_a = nn.Linear(dim, self.kv_rank + self.rope_dim, bias=bias)  # [c_kv | k_pe]
+            self.wq_b = Linear(self.q_rank, heads * qk_dim, bias=False)
+        self.wkv_a = Linear(dim, self.kv_rank + self.rope_dim, bias=bias)  # [c_kv | k_pe]
         self.kv_norm = RMSNorm(self.kv_rank)
-        self.wkv_b = nn.Linear(self.kv_rank, heads * (self.nope_dim + self.v_dim), bias=False)  # [W_UK; W_UV]
-        self.wo = nn.Linear(heads * self.v_dim, dim, bias=bias)
+        self.wkv_b = Linear(self.kv_rank, heads * (self.nope_dim + self.v_dim), bias=False)  # [W_UK; W_UV]
+        self.wo = Linear(heads * self.v_dim, dim, bias=bias)
         self.absorb: bool | None = None  # None: whichever form costs fewer FLOPs (_absorb_is_cheaper)
         self.indexer = LightningIndexer(config) if config.uses_dsa else None  # V3.2 sparse attention
 
@@ -198,6 +199,10 @@ class MLAttention(nn.Module):
         multi-query attention with one (C + R)-wide key and C-wide value shared by all heads. Heads are
         folded into the query length so scores and outputs are one batched matmul each -> (B, T, H*V)."""
         B, T, H, _ = q_nope.shape
+        one_query = T == 1 and (mask is None or mask.shape[-2] == 1)
+        ops = small_batch_kernels(q_nope.flatten(2), self.wkv_b.weight) if one_query else None
+        if ops is not None and latent.dtype in (torch.float32, torch.bfloat16):
+            return self._absorbed_decode(ops, q_nope, q_pe, latent, mask)
         S, C = latent.shape[1], self.kv_rank
         q = self.absorbed_query(q_nope, q_pe).view(B, T * H, C + self.rope_dim)  # (B, T*H, C + R)
         scores = torch.bmm(q, latent.transpose(1, 2)).float() * self.scale  # (B, T*H, S)
@@ -208,6 +213,19 @@ class MLAttention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(q.dtype)
         return self.absorbed_output(torch.bmm(probs, latent[..., :C]).view(B, T, H, C))
+
+    def _absorbed_decode(self, ops, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+        """`_absorbed` for one query token per sequence with dsmoe's CPU decode kernels (ops/cpu_kernels.py):
+        the W_UK / W_UV products read wkv_b in place and scores, softmax and the weighted latent sum are one
+        call, split over the keys across threads. mask (B or 1, 1, 1, S) or None -> (B, 1, H*V)."""
+        B, _, H, _ = q_nope.shape
+        w_uk, w_uv = self._w_uk_uv()  # (H, N, C), (H, V, C)
+        q_lat = ops.head_project(q_nope.reshape(B, H, self.nope_dim), w_uk, True)  # (B, H, C)
+        q = torch.cat((q_lat, q_pe.reshape(B, H, self.rope_dim).to(q_lat.dtype)), dim=-1)  # (B, H, C + R)
+        visible = None if mask is None else mask.reshape(mask.shape[0], mask.shape[-1]).expand(B, -1)
+        out = ops.latent_attention(q, latent, self.kv_rank, self.scale, visible)  # (B, H, C)
+        return ops.head_project(out, w_uv, False).reshape(B, 1, H * self.v_dim)
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (H, N, C) and W_UV (H, V, C), views of wkv_b."""

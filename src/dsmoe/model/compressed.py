@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -88,8 +88,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.head_dim, self.rate, self.overlap = head_dim, rate, overlap
         width = 2 * head_dim if overlap else head_dim
-        self.wkv = nn.Linear(config.hidden_size, width, bias=False)
-        self.wgate = nn.Linear(config.hidden_size, width, bias=False)
+        self.wkv = Linear(config.hidden_size, width, bias=False)
+        self.wgate = Linear(config.hidden_size, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(rate, width))
         self.norm = RMSNorm(head_dim, config.rms_norm_eps)
 
@@ -154,8 +154,8 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.topk, self.rate = (config.index_n_heads, config.index_head_dim,
                                                              config.index_topk, rate)
-        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = Linear(config.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(config, self.head_dim, rate, overlap=True)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
@@ -184,14 +184,14 @@ class V4Attention(nn.Module):
         H, D, dim = config.num_attention_heads, config.head_dim, config.hidden_size
         self.layer_type, self.n_heads, self.head_dim = layer_type, H, D
         self.window, self.eps, self.groups = config.sliding_window, config.rms_norm_eps, config.o_groups
-        self.wq_a = nn.Linear(dim, config.q_lora_rank, bias=False)
+        self.wq_a = Linear(dim, config.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-        self.wq_b = nn.Linear(config.q_lora_rank, H * D, bias=False)
-        self.wkv = nn.Linear(dim, D, bias=False)
+        self.wq_b = Linear(config.q_lora_rank, H * D, bias=False)
+        self.wkv = Linear(dim, D, bias=False)
         self.norm = RMSNorm(D, config.rms_norm_eps)
         # wo_a: block diagonal, stored as (groups * o_lora_rank, H*D / groups) like transformers' grouped linear
-        self.wo_a = nn.Linear(H * D // config.o_groups, config.o_groups * config.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(config.o_groups * config.o_lora_rank, dim, bias=False)
+        self.wo_a = Linear(H * D // config.o_groups, config.o_groups * config.o_lora_rank, bias=False)
+        self.wo_b = Linear(config.o_groups * config.o_lora_rank, dim, bias=False)
         self.attn_sink = nn.Parameter(torch.zeros(H))
         self.compressor = self.indexer = None
         if layer_type != "sliding_attention":

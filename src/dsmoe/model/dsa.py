@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import apply_rope
+from .layers import Linear, apply_rope
 
 if TYPE_CHECKING:
     from .attention import MLAttention
@@ -60,10 +60,10 @@ class LightningIndexer(nn.Module):
             raise ValueError("ModelConfig.q_lora_rank: the lightning indexer reads the query latent; it must be set")
         self.n_heads, self.head_dim, self.topk = config.index_n_heads, config.index_head_dim, config.index_topk
         self.rope_dim = config.qk_rope_head_dim
-        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.weights_proj = Linear(config.hidden_size, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim ** -0.5
         self.dense = False
         self.loss_mode: str | None = None

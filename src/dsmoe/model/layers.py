@@ -12,6 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
+from ..ops.cpu_kernels import small_batch_kernels
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint names) whose small-batch CPU inference calls, at most 8
+    tokens with autograd off (a decode step), run dsmoe's matrix-vector kernel (ops/cpu_kernels.py: the
+    weight read once, fp32 arithmetic, fp32 or bf16 weights); every other call is nn.Linear's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = small_batch_kernels(x, self.weight)
+        if ops is None:
+            return super().forward(x)
+        y = ops.linear(x.reshape(-1, x.shape[-1]), self.weight)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class RMSNorm(nn.Module):
@@ -33,11 +49,15 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate_proj
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down_proj
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up_proj
+        self.w1 = Linear(dim, inter_dim, bias=False)  # gate_proj
+        self.w2 = Linear(inter_dim, dim, bias=False)  # down_proj
+        self.w3 = Linear(dim, inter_dim, bias=False)  # up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = small_batch_kernels(x, self.w1.weight, self.w3.weight)
+        if ops is not None:  # a decode step: gate and up projections and the SwiGLU in one kernel call
+            return self.w2(ops.swiglu(x.reshape(-1, x.shape[-1]), self.w1.weight, self.w3.weight)
+                           .view(*x.shape[:-1], -1))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .layers import Linear
 from .moe import Routing
 
 SCORES = {
@@ -43,9 +44,9 @@ class ClampedMLP(nn.Module):
     def __init__(self, dim: int, inter_dim: int, limit: float) -> None:
         super().__init__()
         self.limit = limit
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.w1 = Linear(dim, inter_dim, bias=False)
+        self.w2 = Linear(inter_dim, dim, bias=False)
+        self.w3 = Linear(dim, inter_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return clamped_swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.limit)

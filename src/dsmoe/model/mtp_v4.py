@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .hyper import HyperHead
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .v4 import V4Block
 
 
@@ -48,8 +48,8 @@ class V4MTP(V4Block):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(mtp_block_config(config), config.num_hidden_layers)
         D = config.hidden_size
-        self.e_proj = nn.Linear(D, D, bias=False)
-        self.h_proj = nn.Linear(D, D, bias=False)
+        self.e_proj = Linear(D, D, bias=False)
+        self.h_proj = Linear(D, D, bias=False)
         self.enorm = RMSNorm(D, config.rms_norm_eps)
         self.hnorm = RMSNorm(D, config.rms_norm_eps)
         self.norm = RMSNorm(D, config.rms_norm_eps)

@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from ..ops.capacity import TokenDropping
 from .attention import GQAttention, MLAttention, Rope, causal_mask, sliding_window_mask
 from .cache import LayerCache, ModelCache
-from .layers import MLP, RMSNorm, RotaryEmbedding
+from .layers import MLP, Linear, RMSNorm, RotaryEmbedding
 from .moe import MoE
 
 
@@ -43,7 +43,7 @@ class MTPModule(nn.Module):
         dim, eps = config.hidden_size, config.rms_norm_eps
         self.enorm = RMSNorm(dim, eps)
         self.hnorm = RMSNorm(dim, eps)
-        self.eh_proj = nn.Linear(2 * dim, dim, bias=False)
+        self.eh_proj = Linear(2 * dim, dim, bias=False)
         self.block = Block(config, layer)
         self.norm = RMSNorm(dim, eps)
 
@@ -80,7 +80,7 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if with_mtp is None:
             with_mtp = config.num_nextn_predict_layers > 0
         depth = config.num_nextn_predict_layers if with_mtp else 0

@@ -19,7 +19,7 @@ from ..config import ModelConfig
 from ..config_v4 import v4_rope_dim
 from .compressed import V4Attention, V4LayerCache
 from .hyper import HyperConnection, HyperHead
-from .layers import RMSNorm, rope_inv_freq
+from .layers import Linear, RMSNorm, rope_inv_freq
 from .moe_v4 import V4MoE
 
 
@@ -92,7 +92,7 @@ class V4Transformer(nn.Module):
         self.layers = nn.ModuleList(V4Block(config, i) for i in range(config.num_hidden_layers))
         self.hc_head = HyperHead(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
         from .mtp_v4 import V4MTP  # mtp_v4 builds on V4Block
 
         self.mtp = nn.ModuleList(V4MTP(config) for _ in range(config.num_nextn_predict_layers if with_mtp else 0))

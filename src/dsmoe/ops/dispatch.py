@@ -18,6 +18,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernels import small_batch_kernels
+
 
 def _hidden(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """An expert's SwiGLU activation: x (n, D), w1/w3 (I, D) -> silu(x w1^T) * (x w3^T), (n, I)."""
@@ -57,6 +59,9 @@ def sorted_dispatch(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
     Dropped pairs (keep False) are sorted behind every expert as a virtual expert E and cut off."""
     T, K = indices.shape
     E = w1.shape[0]
+    kernels = small_batch_kernels(x, w1, w2, w3) if keep is None else None
+    if kernels is not None:  # a CPU decode step of <= 8 tokens: the picked experts' weights read in place
+        return kernels.moe_experts(x, indices, weights, w1, w2, w3)
     autograd = torch.is_grad_enabled() and any(w.requires_grad for w in (x, weights, w1, w2, w3))
     if T == 1 and not autograd and x.device.type == "cpu":  # on CUDA its .tolist() calls would sync the host
         return _one_token(x, indices, weights, w1, w2, w3, keep)

@@ -1,0 +1,427 @@
+// Small-batch CPU kernels for the decode step (dsmoe.ops.cpu_kernels loads this file; issue 16).
+//
+// A decode step multiplies 1..8 token vectors by every weight matrix it touches: matrix-vector products
+// whose cost is reading the weights once from memory. PyTorch runs them as general GEMMs (MKL sgemm in
+// fp32, oneDNN in bf16) with a fixed per-call cost and, in bf16, well below the memory bandwidth. These
+// kernels read each weight row once, dot it with every token of the batch in fp32 registers (AVX2 + FMA
+// where the compiler targets them), and accept fp32 or bf16 weights (weight-only bf16: bf16 storage, fp32
+// arithmetic). The MoE kernel runs a token's K routed experts without sorting or scattering: the picked
+// experts' weight slices are read in place, each once per step however many tokens share it.
+//
+// Ops (registered as torch.ops.dsmoe_cpu.*; shapes, M = tokens, at most kMaxTokens per call):
+//   linear(x (M, K), w (N, K)) -> (M, N)                         x @ w.T
+//   swiglu(x (M, K), w1 (N, K), w3 (N, K)) -> (M, N)             silu(x @ w1.T) * (x @ w3.T)
+//   moe_experts(x (M, D), idx (M, k) long, gate (M, k) fp32,
+//               w1 (E, I, D), w2 (E, D, I), w3 (E, I, D)) -> (M, D)   sum_j gate[m,j] * expert_idx[m,j](x[m])
+//   latent_attention(q (B, Q, W), latent (B, S, W), value_dim C, scale, mask (B, S)?) -> (B, Q, C)
+//   head_project(x (M, H, K), w (H, R, K'), transpose) -> (M, H, R) or (M, H, K')   (any M)
+// x and the output share a dtype (fp32 or bf16); weights are fp32 or bf16; all contiguous.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DSMOE_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kMaxTokens = 8;
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+#ifdef DSMOE_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+
+// out[m * out_stride] = dot(w[0:K], x[m * K : (m + 1) * K]) for m < M: one weight row against M fp32 tokens.
+template <int M, typename W>
+inline void dot_row(const W* w, const float* x, int64_t K, float* out, int64_t out_stride) {
+  int64_t k = 0;
+#ifdef DSMOE_AVX2
+  if constexpr (M == 1) {  // one token: four independent chains hide the FMA latency
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 32 <= K; k += 32) {
+      a0 = _mm256_fmadd_ps(load8(w + k), load8(x + k), a0);
+      a1 = _mm256_fmadd_ps(load8(w + k + 8), load8(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(load8(w + k + 16), load8(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(load8(w + k + 24), load8(x + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w + k), load8(x + k), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; ++k) s += load1(w + k) * x[k];
+    out[0] = s;
+    return;
+  } else {
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+      __m256 wv = load8(w + k);
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, load8(x + m * K + k), acc[m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float s = hsum(acc[m]);
+      for (int64_t j = k; j < K; ++j) s += load1(w + j) * x[m * K + j];
+      out[m * out_stride] = s;
+    }
+    return;
+  }
+#endif
+  float acc[M] = {};
+  for (; k < K; ++k) {
+    float wv = load1(w + k);
+    for (int m = 0; m < M; ++m) acc[m] += wv * x[m * K + k];
+  }
+  for (int m = 0; m < M; ++m) out[m * out_stride] = acc[m];
+}
+
+// Rows [n0, n1) of w (N, K) against M tokens x (M, K) -> out (M, out_stride), column n.
+template <typename W>
+void dot_rows(int64_t M, const W* w, const float* x, int64_t K, int64_t n0, int64_t n1, float* out,
+              int64_t out_stride) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const W* row = w + n * K;
+    switch (M) {
+      case 1: dot_row<1>(row, x, K, out + n, out_stride); break;
+      case 2: dot_row<2>(row, x, K, out + n, out_stride); break;
+      case 3: dot_row<3>(row, x, K, out + n, out_stride); break;
+      case 4: dot_row<4>(row, x, K, out + n, out_stride); break;
+      case 5: dot_row<5>(row, x, K, out + n, out_stride); break;
+      case 6: dot_row<6>(row, x, K, out + n, out_stride); break;
+      case 7: dot_row<7>(row, x, K, out + n, out_stride); break;
+      default: dot_row<8>(row, x, K, out + n, out_stride); break;
+    }
+  }
+}
+
+// The same for any number of tokens M, in blocks of kMaxTokens (each block re-reads the rows, from cache).
+template <typename W>
+void dot_rows_blocked(int64_t M, const W* w, const float* x, int64_t K, int64_t n0, int64_t n1, float* out,
+                      int64_t out_stride) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens)
+    dot_rows(std::min(kMaxTokens, M - m0), w, x + m0 * K, K, n0, n1, out + m0 * out_stride, out_stride);
+}
+
+// y[0:N] += a * w[0:N] (fp32 accumulator y, weights fp32 or bf16).
+template <typename W>
+inline void axpy(float a, const W* w, float* y, int64_t N) {
+  int64_t n = 0;
+#ifdef DSMOE_AVX2
+  const __m256 av = _mm256_set1_ps(a);
+  for (; n + 8 <= N; n += 8) _mm256_storeu_ps(y + n, _mm256_fmadd_ps(av, load8(w + n), _mm256_loadu_ps(y + n)));
+#endif
+  for (; n < N; ++n) y[n] += a * load1(w + n);
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// Rows per parallel task: enough work (>= ~32 KiB of weights) that the thread pool's hand-off is noise.
+inline int64_t grain_rows(int64_t K, int64_t itemsize) { return std::max<int64_t>(1, (32768 / itemsize) / K); }
+
+void check_operands(const char* op, const at::Tensor& x, const at::Tensor& w, int64_t w_dims) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be (tokens, features), got ", x.sizes());
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxTokens, op, ": at most ", kMaxTokens, " tokens, got ", x.size(0));
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, op,
+              ": weights must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == w_dims && w.is_contiguous(), op, ": weight must be a contiguous ", w_dims,
+              "-d tensor, got ", w.sizes());
+}
+
+// fn(const W* w) with W the weight's element type.
+template <typename Fn>
+void with_weight(const at::Tensor& w, Fn fn) {
+  if (w.scalar_type() == at::kFloat) {
+    fn(w.data_ptr<float>());
+  } else {
+    fn(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()));
+  }
+}
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w) {
+  check_operands("dsmoe_cpu.linear", x_in, w, 2);
+  TORCH_CHECK(w.size(1) == x_in.size(1), "dsmoe_cpu.linear: x has ", x_in.size(1), " features, weight ", w.sizes());
+  const int64_t M = x_in.size(0), K = w.size(1), N = w.size(0);
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  with_weight(w, [&](auto* wp) {
+    at::parallel_for(0, N, grain_rows(K, w.element_size()),
+                     [&](int64_t n0, int64_t n1) { dot_rows(M, wp, xp, K, n0, n1, op, N); });
+  });
+  return out.to(x_in.scalar_type());
+}
+
+at::Tensor swiglu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w3) {
+  check_operands("dsmoe_cpu.swiglu", x_in, w1, 2);
+  check_operands("dsmoe_cpu.swiglu", x_in, w3, 2);
+  TORCH_CHECK(w1.sizes() == w3.sizes() && w1.scalar_type() == w3.scalar_type() && w1.size(1) == x_in.size(1),
+              "dsmoe_cpu.swiglu: w1 ", w1.sizes(), " and w3 ", w3.sizes(), " must match each other and x ",
+              x_in.sizes());
+  const int64_t M = x_in.size(0), K = w1.size(1), N = w1.size(0);
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  with_weight(w1, [&](auto* w1p) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(w1p)>>;
+    const W* w3p = reinterpret_cast<const W*>(w3.data_ptr());
+    at::parallel_for(0, N, grain_rows(2 * K, w1.element_size()), [&](int64_t n0, int64_t n1) {
+      float up[kMaxTokens];
+      for (int64_t n = n0; n < n1; ++n) {
+        dot_rows(M, w1p, xp, K, n, n + 1, op, N);
+        dot_rows(M, w3p, xp, K, n, n + 1, up - n, 1);
+        for (int64_t m = 0; m < M; ++m) op[m * N + n] = silu(op[m * N + n]) * up[m];
+      }
+    });
+  });
+  return out.to(x_in.scalar_type());
+}
+
+at::Tensor moe_experts(const at::Tensor& x_in, const at::Tensor& idx_in, const at::Tensor& gate_in,
+                       const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3) {
+  check_operands("dsmoe_cpu.moe_experts", x_in, w1, 3);
+  check_operands("dsmoe_cpu.moe_experts", x_in, w2, 3);
+  check_operands("dsmoe_cpu.moe_experts", x_in, w3, 3);
+  const int64_t M = x_in.size(0), D = x_in.size(1), E = w1.size(0), I = w1.size(1);
+  TORCH_CHECK(w1.sizes() == w3.sizes() && w1.size(2) == D && w2.size(0) == E && w2.size(1) == D &&
+                  w2.size(2) == I && w1.scalar_type() == w2.scalar_type() && w1.scalar_type() == w3.scalar_type(),
+              "dsmoe_cpu.moe_experts: expert weights w1 ", w1.sizes(), ", w2 ", w2.sizes(), ", w3 ", w3.sizes(),
+              " do not fit tokens of width ", D);
+  TORCH_CHECK(idx_in.dim() == 2 && idx_in.size(0) == M && gate_in.sizes() == idx_in.sizes(),
+              "dsmoe_cpu.moe_experts: indices ", idx_in.sizes(), " and gate weights ", gate_in.sizes(),
+              " must both be (tokens=", M, ", k)");
+  const int64_t k = idx_in.size(1);
+  at::Tensor idx = idx_in.to(at::kLong).contiguous(), gate = gate_in.to(at::kFloat).contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float* gp = gate.data_ptr<float>();
+
+  // The picked experts, each with the tokens routed to it (an expert shared by tokens is read once).
+  std::vector<int64_t> experts;
+  std::vector<std::vector<int64_t>> pairs;  // per picked expert: the (token * k + slot) pairs it serves
+  for (int64_t p = 0; p < M * k; ++p) {
+    const int64_t e = ip[p];
+    TORCH_CHECK(e >= 0 && e < E, "dsmoe_cpu.moe_experts: token ", p / k, " picks expert ", e, " of ", E);
+    size_t u = 0;
+    while (u < experts.size() && experts[u] != e) ++u;
+    if (u == experts.size()) {
+      experts.push_back(e);
+      pairs.emplace_back();
+    }
+    pairs[u].push_back(p);
+  }
+  const int64_t U = static_cast<int64_t>(experts.size());
+
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const float* xp = x.data_ptr<float>();
+  // Each picked expert's tokens, gathered (U, M, D), and their gated SwiGLU activations (U, M, I).
+  std::vector<float> xs(U * kMaxTokens * D), hs(U * kMaxTokens * I);
+  for (int64_t u = 0; u < U; ++u)
+    for (size_t j = 0; j < pairs[u].size(); ++j)
+      std::memcpy(&xs[(u * kMaxTokens + j) * D], xp + (pairs[u][j] / k) * D, D * sizeof(float));
+
+  at::Tensor out = at::zeros({M, D}, x.options());
+  float* op = out.data_ptr<float>();
+  with_weight(w1, [&](auto* w1p) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(w1p)>>;
+    const W* w3p = reinterpret_cast<const W*>(w3.data_ptr());
+    const W* w2p = reinterpret_cast<const W*>(w2.data_ptr());
+    // h = gate * silu(w1 x) * (w3 x), the gate folded into the I-wide activation (w2 is linear).
+    at::parallel_for(0, U * I, grain_rows(2 * D, w1.element_size()), [&](int64_t r0, int64_t r1) {
+      float g[kMaxTokens], up[kMaxTokens];
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t u = r / I, i = r % I, n = static_cast<int64_t>(pairs[u].size());
+        const W* a = w1p + (experts[u] * I) * D;
+        const W* b = w3p + (experts[u] * I) * D;
+        float* h = &hs[u * kMaxTokens * I];
+        dot_rows(n, a, &xs[u * kMaxTokens * D], D, i, i + 1, h, I);
+        dot_rows(n, b, &xs[u * kMaxTokens * D], D, i, i + 1, up - i, 1);
+        for (int64_t j = 0; j < n; ++j) g[j] = gp[pairs[u][j]];
+        for (int64_t j = 0; j < n; ++j) h[j * I + i] = g[j] * silu(h[j * I + i]) * up[j];
+      }
+    });
+    // y[t, d] = sum over the token's experts of w2[e, d] . h: rows d split across threads, no races.
+    at::parallel_for(0, D, grain_rows(U * I, w2.element_size()), [&](int64_t d0, int64_t d1) {
+      float part[kMaxTokens];
+      for (int64_t u = 0; u < U; ++u) {
+        const int64_t n = static_cast<int64_t>(pairs[u].size());
+        const W* c = w2p + (experts[u] * D) * I;
+        for (int64_t d = d0; d < d1; ++d) {
+          dot_rows(n, c, &hs[u * kMaxTokens * I], I, d, d + 1, part - d, 1);
+          for (int64_t j = 0; j < n; ++j) op[(pairs[u][j] / k) * D + d] += part[j];
+        }
+      }
+    });
+  });
+  return out.to(x_in.scalar_type());
+}
+
+// Absorbed MLA decode attention (DeepSeek-V2 section 2.1.3): every query row of a sequence against the
+// sequence's cached latent rows [c_kv | k_pe], softmax, and the probability-weighted sum of the c_kv parts.
+// q (B, Q, W), latent (B, S, W) (rows contiguous; a slice of a larger cache is fine), mask (B, S) bool or
+// none (True = may attend) -> (B, Q, C) in q's dtype, C = value_dim <= W. Keys are split into chunks across
+// threads, each keeping its own running max, sum and output; the chunks are merged at the end (the split
+// softmax of flash decoding), so one sequence's step uses every thread.
+at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& latent, int64_t value_dim, double scale,
+                            const c10::optional<at::Tensor>& mask_in) {
+  const char* op = "dsmoe_cpu.latent_attention";
+  TORCH_CHECK(q_in.device().is_cpu() && latent.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(q_in.dim() == 3 && latent.dim() == 3 && q_in.size(0) == latent.size(0) && q_in.size(2) == latent.size(2),
+              op, ": q ", q_in.sizes(), " and latent ", latent.sizes(), " must be (B, Q, W) and (B, S, W)");
+  TORCH_CHECK(latent.stride(2) == 1 && latent.stride(1) == latent.size(2), op,
+              ": latent rows must be contiguous, strides ", latent.strides());
+  TORCH_CHECK(latent.scalar_type() == at::kFloat || latent.scalar_type() == at::kBFloat16, op,
+              ": latent must be float32 or bfloat16, got ", latent.scalar_type());
+  const int64_t B = q_in.size(0), Q = q_in.size(1), Wd = q_in.size(2), S = latent.size(1), C = value_dim;
+  TORCH_CHECK(C > 0 && C <= Wd && S > 0, op, ": value_dim ", C, " must be in 1..", Wd, " and S > 0");
+  at::Tensor mask;
+  if (mask_in.has_value()) {
+    mask = mask_in->to(at::kBool).contiguous();
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) >= S, op, ": mask ", mask.sizes(),
+                " must be (B=", B, ", S>=", S, ")");
+  }
+  at::Tensor q = q_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({B, Q, C}, q.options());
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((S + 31) / 32, (threads + B - 1) / B));
+  const int64_t chunk = (S + chunks - 1) / chunks;
+  // per (b, chunk): Q maxima, Q sums, Q x C partial outputs
+  std::vector<float> maxes(B * chunks * Q), sums(B * chunks * Q), parts(B * chunks * Q * C);
+  const float* qp = q.data_ptr<float>();
+  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t mask_stride = mask.defined() ? mask.size(1) : 0;
+  with_weight(latent, [&](auto* lp) {
+    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores(Q * chunk);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / chunks, s0 = (t % chunks) * chunk, s1 = std::min(S, s0 + chunk);
+        float* mx = &maxes[t * Q];
+        float* sm = &sums[t * Q];
+        float* acc = &parts[t * Q * C];
+        std::fill(mx, mx + Q, -INFINITY);
+        std::fill(sm, sm + Q, 0.0f);
+        std::fill(acc, acc + Q * C, 0.0f);
+        if (s1 <= s0) continue;
+        const auto* rows = lp + b * latent.stride(0);
+        const int64_t n = s1 - s0;
+        // scores[m, j] for key s0 + j: each latent row read once for all Q query rows
+        dot_rows_blocked(Q, rows + s0 * Wd, qp + b * Q * Wd, Wd, 0, n, scores.data(), n);
+        for (int64_t m = 0; m < Q; ++m) {
+          float* sc = &scores[m * n];
+          for (int64_t j = 0; j < n; ++j) {
+            sc[j] = (mp && !mp[b * mask_stride + s0 + j]) ? -INFINITY : sc[j] * static_cast<float>(scale);
+            mx[m] = std::max(mx[m], sc[j]);
+          }
+          if (mx[m] == -INFINITY) continue;
+          for (int64_t j = 0; j < n; ++j) {
+            sc[j] = std::exp(sc[j] - mx[m]);
+            sm[m] += sc[j];
+          }
+        }
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t m = 0; m < Q; ++m)
+            if (mx[m] != -INFINITY) axpy(scores[m * n + j], rows + (s0 + j) * Wd, acc + m * C, C);
+      }
+    });
+  });
+  float* op_ = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t m = 0; m < Q; ++m) {
+      float top = -INFINITY, total = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, maxes[(b * chunks + c) * Q + m]);
+      float* y = op_ + (b * Q + m) * C;
+      std::fill(y, y + C, 0.0f);
+      if (top == -INFINITY) continue;  // nothing visible: zeros (the caller never asks for this)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t t = b * chunks + c;
+        if (maxes[t * Q + m] == -INFINITY) continue;
+        const float w = std::exp(maxes[t * Q + m] - top);
+        total += w * sums[t * Q + m];
+        axpy(w, &parts[(t * Q + m) * C], y, C);
+      }
+      for (int64_t c = 0; c < C; ++c) y[c] /= total;
+    }
+  return out.to(q_in.scalar_type());
+}
+
+// Per-head projections of a few tokens, the W_UK / W_UV products of absorbed MLA (DeepSeek-V2 section 2.1.3).
+// x (M, H, K), w (H, R, K') with any head stride (a view of wkv_b), rows contiguous ->
+//   transpose false: y[m, h] = w[h] @ x[m, h]     (K' == K)  -> (M, H, R)
+//   transpose true:  y[m, h] = x[m, h] @ w[h]     (R == K)   -> (M, H, K')
+at::Tensor head_project(const at::Tensor& x_in, const at::Tensor& w, bool transpose) {
+  const char* op = "dsmoe_cpu.head_project";
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x_in.dim() == 3 && w.dim() == 3 && x_in.size(1) == w.size(0), op, ": x ", x_in.sizes(), " and w ",
+              w.sizes(), " must be (M, H, K) and (H, R, K')");
+  TORCH_CHECK(w.stride(2) == 1 && w.stride(1) == w.size(2), op, ": weight rows must be contiguous, strides ", w.strides());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, op,
+              ": weights must be float32 or bfloat16, got ", w.scalar_type());
+  const int64_t M = x_in.size(0), H = w.size(0), R = w.size(1), Kw = w.size(2);
+  TORCH_CHECK(x_in.size(2) == (transpose ? R : Kw), op, ": x width ", x_in.size(2), " does not fit w ", w.sizes());
+  const int64_t K = x_in.size(2), N = transpose ? Kw : R;
+  at::Tensor x = x_in.to(at::kFloat).transpose(0, 1).contiguous();  // (H, M, K): each head's tokens together
+  at::Tensor out = at::zeros({H, M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  with_weight(w, [&](auto* wp) {
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) {
+        const auto* wh = wp + h * w.stride(0);
+        if (!transpose) {
+          dot_rows_blocked(M, wh, xp + h * M * K, K, 0, R, yp + h * M * N, N);
+        } else {
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t r = 0; r < R; ++r) axpy(xp[(h * M + m) * K + r], wh + r * Kw, yp + (h * M + m) * N, N);
+        }
+      }
+    });
+  });
+  return out.transpose(0, 1).contiguous().to(x_in.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dsmoe_cpu, m) {
+  m.def("linear(Tensor x, Tensor w) -> Tensor");
+  m.def("swiglu(Tensor x, Tensor w1, Tensor w3) -> Tensor");
+  m.def("moe_experts(Tensor x, Tensor indices, Tensor gate, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
+  m.def("latent_attention(Tensor q, Tensor latent, int value_dim, float scale, Tensor? mask) -> Tensor");
+  m.def("head_project(Tensor x, Tensor w, bool transpose) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsmoe_cpu, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("swiglu", &swiglu);
+  m.impl("moe_experts", &moe_experts);
+  m.impl("latent_attention", &latent_attention);
+  m.impl("head_project", &head_project);
+}

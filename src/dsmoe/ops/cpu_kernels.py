@@ -1,0 +1,135 @@
+"""The small-batch CPU decode kernels (ops/cpu/decode_kernels.cpp), compiled on first use.
+
+`kernels()` returns torch.ops.dsmoe_cpu (linear, swiglu, moe_experts, latent_attention, head_project) or None where they cannot be built
+(no C++ compiler or ninja, a build error, or DSMOE_CPU_KERNELS=0): callers then keep PyTorch's own
+operators, which compute the same thing (tests/test_cpu_kernels.py holds each kernel against them).
+The build goes through torch.utils.cpp_extension with -O3 -march=native into torch's extension cache
+(~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); the name carries a hash of the source and of this
+CPU's flags, so a change of either rebuilds. The first build takes ~30 s on 2 cores; later loads ~0.1 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "cpu" / "decode_kernels.cpp"
+MAX_TOKENS = 8  # kMaxTokens in the source: the most tokens one call takes
+
+_DTYPES = (torch.float32, torch.bfloat16)
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+_switch = {"on": os.environ.get("DSMOE_CPU_KERNELS", "1") != "0"}
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool) -> Iterator[None]:
+    """Turn the decode kernels on or off inside the block (process-wide; tests and benchmarks use it to run the
+    PyTorch twin of the same step). The environment variable DSMOE_CPU_KERNELS=0 turns them off for good."""
+    before = _switch["on"]
+    _switch["on"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _switch["on"] = before
+
+
+def small_batch_kernels(x: torch.Tensor, *weights: torch.Tensor):
+    """torch.ops.dsmoe_cpu when these operands are a small-batch CPU inference call the kernels take, else None.
+
+    x (..., K): at most MAX_TOKENS tokens, fp32 or bf16, on the CPU, with autograd and autocast off (training
+    and anything that needs gradients keeps PyTorch's operators); weights fp32 or bf16, contiguous, CPU."""
+    if not _switch["on"] or x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype not in _DTYPES:
+        return None
+    if x.numel() == 0 or x.numel() > MAX_TOKENS * x.shape[-1] or torch.is_autocast_enabled("cpu"):
+        return None
+    for w in weights:
+        if w.device.type != "cpu" or w.dtype not in _DTYPES or not w.is_contiguous():
+            return None
+    return kernels()
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode())
+    return f"dsmoe_cpu_{digest.hexdigest()[:12]}"
+
+
+def kernels():
+    """torch.ops.dsmoe_cpu once built and loaded (thread-safe, built at most once per process), else None;
+    the reason it is None is logged once and kept in `unavailable_reason()`."""
+    if "ops" in _state:
+        return _state["ops"]
+    with _lock:
+        if "ops" not in _state:
+            _state["ops"], _state["reason"] = _load()
+            if _state["ops"] is None:
+                log.info("dsmoe CPU decode kernels unavailable (%s); using PyTorch operators", _state["reason"])
+    return _state["ops"]
+
+
+def unavailable_reason() -> str | None:
+    """Why kernels() returned None, or None if they loaded (or were not tried yet)."""
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def _load():
+    if os.environ.get("DSMOE_CPU_KERNELS", "1") == "0":
+        return None, "DSMOE_CPU_KERNELS=0"
+    if hasattr(torch.ops, "dsmoe_cpu") and hasattr(torch.ops.dsmoe_cpu, "linear"):
+        return torch.ops.dsmoe_cpu, None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name=_build_name(), sources=[str(SOURCE)], is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+    except Exception as err:  # no compiler, no ninja, a build error: the PyTorch path still works
+        return None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    _register_fakes()
+    return torch.ops.dsmoe_cpu, None
+
+
+def _register_fakes() -> None:
+    """Shape functions, so that torch.compile can trace through the kernels (they stay opaque calls)."""
+
+    @torch.library.register_fake("dsmoe_cpu::linear")
+    def _linear(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("dsmoe_cpu::swiglu")
+    def _swiglu(x, w1, w3):
+        return x.new_empty(x.shape[0], w1.shape[0])
+
+    @torch.library.register_fake("dsmoe_cpu::moe_experts")
+    def _moe(x, indices, gate, w1, w2, w3):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("dsmoe_cpu::latent_attention")
+    def _latent_attention(q, latent, value_dim, scale, mask):
+        return q.new_empty(q.shape[0], q.shape[1], value_dim)
+
+    @torch.library.register_fake("dsmoe_cpu::head_project")
+    def _head_project(x, w, transpose):
+        return x.new_empty(x.shape[0], x.shape[1], w.shape[2] if transpose else w.shape[1])
+
+
+__all__ = ["MAX_TOKENS", "SOURCE", "cpu_kernels", "kernels", "small_batch_kernels", "unavailable_reason"]

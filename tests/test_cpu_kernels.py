@@ -1,0 +1,147 @@
+"""The CPU decode kernels (dsmoe.ops.cpu_kernels) against PyTorch's operators, one by one and in whole models.
+
+Each kernel is held to the plain PyTorch expression it replaces (fp32 to float rounding; bf16 weights against
+the same bf16 values in fp32 arithmetic); a model's decode steps with the kernels on equal the same steps with
+them off (`cpu_kernels(False)`: the eager slow twin), logits and greedy tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsmoe
+from dsmoe.ops.cpu_kernels import MAX_TOKENS, cpu_kernels, kernels, small_batch_kernels, unavailable_reason
+from dsmoe.presets import get_preset
+
+ops = kernels()
+pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels unavailable: {unavailable_reason()}")
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("K", [64, 100])  # 100: a tail after the 8- and 32-wide vector loops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_and_swiglu(M, K, dtype):
+    x, w1, w3 = _rand(M, K, dtype=dtype), _rand(37, K, dtype=dtype, seed=1), _rand(37, K, dtype=dtype, seed=2)
+    ref = F.linear(x.float(), w1.float())
+    got = ops.linear(x, w1)
+    assert got.dtype == dtype
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=1e-2)
+    torch.testing.assert_close(got.float(), ref.to(dtype).float(), **tol)
+    ref = F.silu(F.linear(x.float(), w1.float())) * F.linear(x.float(), w3.float())
+    torch.testing.assert_close(ops.swiglu(x, w1, w3).float(), ref.to(dtype).float(), **tol)
+
+
+@pytest.mark.parametrize("M", [1, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_experts_equals_expert_loop(M, dtype):
+    from dsmoe.ops.dispatch import expert_loop
+
+    E, D, I, K = 6, 40, 24, 3
+    x = _rand(M, D, dtype=dtype)
+    w1, w2, w3 = (_rand(E, I, D, dtype=dtype, seed=1), _rand(E, D, I, dtype=dtype, seed=2),
+                  _rand(E, I, D, dtype=dtype, seed=3))
+    gen = torch.Generator().manual_seed(4)
+    indices = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(M)])  # tokens share experts
+    gates = torch.rand(M, K, generator=gen)
+    with cpu_kernels(False):
+        ref = expert_loop(x.float(), indices, gates, w1.float(), w2.float(), w3.float())
+    got = ops.moe_experts(x, indices, gates, w1, w2, w3)
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.25, rtol=2e-2)
+    torch.testing.assert_close(got.float(), ref.to(dtype).float(), **tol)
+    with pytest.raises(RuntimeError, match="picks expert 6 of 6"):
+        ops.moe_experts(x, torch.full_like(indices, E), gates, w1, w2, w3)
+
+
+def _attention_reference(q, latent, C, scale, mask):
+    scores = torch.einsum("bqw,bsw->bqs", q.float(), latent.float()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.einsum("bqs,bsc->bqc", scores.softmax(-1), latent[..., :C].float())
+
+
+@pytest.mark.parametrize("S", [1, 33, 300])
+@pytest.mark.parametrize("Q", [3, 16])  # 16: more query rows than one block of 8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_latent_attention(S, Q, dtype):
+    B, W, C = 2, 40, 32
+    q = _rand(B, Q, W, dtype=dtype)
+    cache = _rand(B, S + 7, W, dtype=dtype, seed=1)  # a cache with spare rows: the kernel gets a slice
+    latent = cache[:, :S]
+    mask = torch.rand(B, S, generator=torch.Generator().manual_seed(2)) > 0.3
+    mask[:, 0] = True
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for m in (None, mask):
+        ref = _attention_reference(q, latent, C, 0.3, m)
+        torch.testing.assert_close(ops.latent_attention(q, latent, C, 0.3, m).float(), ref.to(dtype).float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_project(dtype):
+    H, N, V, C, M = 4, 12, 10, 16, 3
+    w = _rand(H * (N + V), C, dtype=dtype).view(H, N + V, C)  # wkv_b's layout: per head [W_UK; W_UV]
+    w_uk, w_uv = w[:, :N], w[:, N:]
+    x, out = _rand(M, H, N, dtype=dtype, seed=1), _rand(M, H, C, dtype=dtype, seed=2)
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    ref = torch.einsum("mhn,hnc->mhc", x.float(), w_uk.float())
+    torch.testing.assert_close(ops.head_project(x, w_uk, True).float(), ref.to(dtype).float(), **tol)
+    ref = torch.einsum("mhc,hvc->mhv", out.float(), w_uv.float())
+    torch.testing.assert_close(ops.head_project(out, w_uv, False).float(), ref.to(dtype).float(), **tol)
+
+
+def test_small_batch_kernels_only_for_small_cpu_inference_calls():
+    w = torch.randn(8, 16)
+    with torch.no_grad():
+        assert small_batch_kernels(torch.randn(MAX_TOKENS, 16), w) is ops
+        assert small_batch_kernels(torch.randn(2, 4, 16), w) is ops  # tokens counted over leading dims
+        assert small_batch_kernels(torch.randn(MAX_TOKENS + 1, 16), w) is None  # a prefill
+        assert small_batch_kernels(torch.randn(1, 16, dtype=torch.float64), w) is None
+        assert small_batch_kernels(torch.randn(1, 16), w.t()) is None  # not contiguous
+        with cpu_kernels(False):
+            assert small_batch_kernels(torch.randn(1, 16), w) is None
+    assert small_batch_kernels(torch.randn(1, 16), w) is None  # autograd on: training keeps PyTorch's ops
+
+
+def _decode(model, ids, steps):
+    """Greedy decode: per-step logits (B, steps, V) from the eager cached step."""
+    B, T = ids.shape
+    cache = model.make_cache(B, T + steps)
+    seen = []
+    with torch.no_grad():
+        logits = model(ids, cache=cache)[:, -1]
+        for s in range(steps):
+            seen.append(logits.float())
+            logits = model(logits.argmax(-1)[:, None], cache=cache, start=T + s)[:, -1]
+    return torch.stack(seen, dim=1)
+
+
+@pytest.mark.parametrize("preset", ["tiny-v1", "tiny-v2", "tiny-v3", "tiny-mixtral"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_model_decode_equals_pytorch_twin(preset, batch):
+    torch.manual_seed(0)
+    config = get_preset(preset).replace(initializer_range=0.08, num_hidden_layers=2)
+    model = dsmoe.Transformer(config).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(1))
+    fast = _decode(model, ids, 6)
+    with cpu_kernels(False):
+        slow = _decode(model, ids, 6)
+    torch.testing.assert_close(fast, slow, atol=5e-5, rtol=0)
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+
+
+def test_bf16_model_decode_close_to_pytorch_twin():
+    torch.manual_seed(0)
+    config = get_preset("tiny-v3").replace(initializer_range=0.08, num_hidden_layers=2)
+    model = dsmoe.Transformer(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    fast = _decode(model, ids, 1)
+    with cpu_kernels(False):
+        slow = _decode(model, ids, 1)
+    # both round activations to bf16 between operations, in different places: compare distributions
+    kl = F.kl_div(fast.log_softmax(-1), slow.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl.item() < 1e-3

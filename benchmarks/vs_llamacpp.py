@@ -146,7 +146,7 @@ def llama_measure(bin_dir: Path, gguf: Path, dtype: str, measurement: str, args)
 
 def dsmoe_measure(checkpoint: Path, dtype: str, measurement: str, args) -> dict:
     job = {"checkpoint": str(checkpoint), "dtype": dtype, "measurement": measurement, "prefill": args.prefill,
-           "decode_tokens": args.decode_tokens, "threads": args.threads}
+           "decode_tokens": args.decode_tokens, "threads": args.threads, "compiled": not args.eager}
     text, peak = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
                               llamacpp.child_env(args.threads))
     result = json.loads(text.strip().splitlines()[-1])
@@ -177,8 +177,12 @@ def worker(job: dict) -> dict:
     depth = int(job["measurement"].split("@")[1])
     ids = torch.tensor([prompt_ids(depth, vocab, 3)])
     n = job["decode_tokens"]
+    compiled = job.get("compiled", False)
+    if compiled:  # compile for these shapes first, untimed (llama-bench warms up too)
+        for _ in stream(model, ids, n + 1, compiled=True):
+            pass
     times = []
-    for i, _ in enumerate(stream(model, ids, n + 1)):
+    for i, _ in enumerate(stream(model, ids, n + 1, compiled=compiled)):
         times.append(time.perf_counter())
         if i == 0:
             _reset_peak()
@@ -267,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(GGUF_TYPES))
     p.add_argument("--check-tokens", type=int, default=512)
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--eager", action="store_true",
+                   help="dsmoe decodes with eager steps (default: compiled steps, dsmoe.generate compiled=True)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.worker:

@@ -133,6 +133,13 @@ class CompiledDecodeStep(StaticDecodeStep):
     Same results as StaticDecodeStep (tests/test_decode_graph.py); the eager step stays the slow twin.
     """
 
+    def __init__(self, model: Transformer, cache: ModelCache, pad: torch.Tensor | None = None) -> None:
+        super().__init__(model, cache, pad)
+        if self.token.device.type == "cpu":
+            from .ops.cpu_kernels import kernels
+
+            kernels()  # built or loaded here, outside the traced code (the loader takes a lock)
+
     @torch.no_grad()
     def compute(self) -> torch.Tensor:
         global _compiled_static_step

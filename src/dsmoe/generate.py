@@ -116,7 +116,7 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
            eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
            speculative: bool = False, stats: GenerationStats | None = None,
            sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
-           cuda_graph: bool = False) -> Iterator[torch.Tensor]:
+           cuda_graph: bool = False, compiled: bool = False) -> Iterator[torch.Tensor]:
     """Yield new tokens as they are decided: (B, n) per step (n = 1, or 2 when a draft is accepted).
     Rows that have emitted EOS yield their EOS id again as padding; the stream ends when every row has
     finished or max_new_tokens were produced.
@@ -125,6 +125,9 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
     that every rank feeds the same tokens (and runs the same collectives) at every step.
     cuda_graph: decode steps replayed from a CUDA graph captured once for this batch (dsmoe.decode_graph;
     CUDA, bf16 MoE weights; ValueError otherwise). Untested until scripts/gpu_check.sh passes on a GPU.
+    compiled: decode steps through torch.compile (dsmoe.decode_graph.CompiledDecodeStep): on a CPU about twice
+    as fast per step once compiled; the first step of a new shape compiles (~15 s on 2 cores). Same tokens as
+    the eager step. ValueError for models it does not cover (V3.2 sparse attention, sliding windows, V4).
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
     device = model.embed.weight.device
@@ -144,17 +147,21 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
     began = time.perf_counter()
     if max_new_tokens == 0:
         return
+    if cuda_graph and compiled:
+        raise ValueError("pass one of cuda_graph / compiled")
     if speculative:
-        if cuda_graph:
-            raise ValueError("speculative decoding does not use CUDA graphs: pass one of speculative / cuda_graph")
+        if cuda_graph or compiled:
+            raise ValueError("speculative decoding does not use compiled or graphed steps: pass one of "
+                             "speculative / cuda_graph / compiled")
         if sync is not None:
             raise ValueError("speculative decoding is not supported with sharded experts")
         steps = _speculative(model, ids, max_new_tokens, capacity, stats)
     else:
-        if cuda_graph and sync is not None:
-            raise ValueError("CUDA graph decoding is not supported with sharded experts (collectives per step)")
+        if (cuda_graph or compiled) and sync is not None:
+            raise ValueError("compiled / CUDA graph decoding is not supported with sharded experts "
+                             "(collectives per step)")
         steps = _plain(model, ids, pad, max_new_tokens, capacity, temperature, top_k, top_p, generator, sync,
-                       cuda_graph)
+                       cuda_graph, compiled)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     produced = 0
     for tokens in steps:  # (B, n)
@@ -175,8 +182,8 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
 
 def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_new_tokens: int, capacity: int,
            temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
-           sync: Callable[[torch.Tensor], torch.Tensor] | None = None, cuda_graph: bool = False
-           ) -> Iterator[torch.Tensor]:
+           sync: Callable[[torch.Tensor], torch.Tensor] | None = None, cuda_graph: bool = False,
+           compiled: bool = False) -> Iterator[torch.Tensor]:
     B, T = ids.shape
     if pad is not None and model.config.model_type == "deepseek_v4":  # positional windows: one cache per row
         from .generate_v4 import plain_rows
@@ -185,10 +192,13 @@ def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_
                               lambda logits: sample(logits, temperature, top_k, top_p, generator), sync)
         return
     cache = model.make_cache(B, capacity)
-    graphed = None
+    fixed_step = None
     if cuda_graph:  # checked before the prefill: a refusal costs nothing
         from .decode_graph import CUDAGraphDecodeStep
-        graphed = CUDAGraphDecodeStep(model, cache, pad)
+        fixed_step = CUDAGraphDecodeStep(model, cache, pad)
+    elif compiled:
+        from .decode_graph import CompiledDecodeStep
+        fixed_step = CompiledDecodeStep(model, cache, pad)
     # Prefill in one forward; only the last position's logits are needed (the head is ~20% of a prefill).
     # stream() validated the prompt; sampled tokens are in the vocabulary: no per-step id checks below.
     logits = model.head(model.hidden_states(ids, cache, pad=pad, check=False)[:, -1]).float()
@@ -198,8 +208,8 @@ def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_
             token = sync(token)
         yield token[:, None]
         if step + 1 < max_new_tokens:
-            if graphed is not None:
-                logits = graphed(token, T + step)  # the graph's output buffer: sampled before the next replay
+            if fixed_step is not None:
+                logits = fixed_step(token, T + step)  # the graph's output buffer: sampled before the next replay
             else:
                 logits = model(token[:, None], cache=cache, start=T + step, pad=pad, check=False)[:, -1]
 
@@ -257,7 +267,7 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
              speculative: bool = False, stats: GenerationStats | None = None,
-             cuda_graph: bool = False) -> torch.Tensor | list[list[int]]:
+             cuda_graph: bool = False, compiled: bool = False) -> torch.Tensor | list[list[int]]:
     """Prompts followed by their new tokens.
 
     input_ids: a (B, T) LongTensor -> a (B, T + n) tensor, rows that hit EOS padded with EOS after it;
@@ -266,11 +276,12 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
     Runs on the model's device; a prompt tensor may be on any device.
     speculative: greedy decoding with the MTP module as drafter (same output as plain greedy).
     cuda_graph: replay decode steps from a CUDA graph (see stream).
+    compiled: decode steps through torch.compile (see stream).
     """
     if speculative and temperature != 0:
         raise ValueError("speculative decoding is greedy only: use temperature=0")
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-                      speculative, stats, cuda_graph=cuda_graph))
+                      speculative, stats, cuda_graph=cuda_graph, compiled=compiled))
     device = model.embed.weight.device
     out = torch.cat([torch.zeros(len(input_ids), 0, dtype=torch.long, device=device), *new], dim=1)
     if isinstance(input_ids, torch.Tensor):  # returned on the device the prompt came on

@@ -7,6 +7,9 @@ have, or CUDA asked for on a torch build or machine without it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, meta or auto"
@@ -59,8 +62,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["DEVICE_CHOICES", "resolve_device", "synchronize"]
-
 
 class _SkipMetaInit(torch.overrides.TorchFunctionMode):
     """Drops in-place initialisers (torch.nn.init.*, Tensor.normal_ / uniform_ / ...) applied to meta tensors."""
@@ -78,20 +79,15 @@ class _SkipMetaInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class meta_device:
+@contextmanager
+def meta_device() -> Iterator[None]:
     """`with meta_device(): model = Transformer(config)` builds modules with parameters on the meta device (no
     memory), as `with torch.device("meta")` does, but without running their initialisers: those do nothing on
     meta tensors, yet `normal_` on a meta tensor goes through torch._refs, whose first use imports
     torch._dynamo, torch._inductor and sympy, ~75 MiB of resident memory for the rest of the process (a
     loaded checkpoint assigns every parameter anyway)."""
+    with torch.device("meta"), _SkipMetaInit():  # the skipping mode innermost: it sees the calls first
+        yield
 
-    def __enter__(self) -> "meta_device":
-        self._device = torch.device("meta")
-        self._skip = _SkipMetaInit()
-        self._device.__enter__()
-        self._skip.__enter__()  # innermost: sees the initialiser calls before the device mode
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._skip.__exit__(*exc)
-        self._device.__exit__(*exc)
+__all__ = ["DEVICE_CHOICES", "meta_device", "resolve_device", "synchronize"]

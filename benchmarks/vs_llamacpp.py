@@ -16,13 +16,15 @@ convert_hf_to_gguf.py to GGUF F32 and BF16 (benchmarks/llamacpp.py; llama.cpp's 
    over those top-10 entries and the KL(llama.cpp || dsmoe) restricted to them, mean and max over positions.
 2. Speed and memory, batch 1, --threads threads each, every measurement in a fresh process, interleaved run by
    run (round r: for each measurement, for each dtype, dsmoe then llama.cpp):
+   * dsmoe prefills in chunks of PREFILL_CHUNK (512) positions, as llama.cpp does in ubatches of 512;
    * prefill 512: 512 prompt tokens into an empty cache, tokens/s (dsmoe: time to the first new token through
      `dsmoe.generate.stream`; llama.cpp: `llama-bench -p 512 -n 0`);
    * decode after 256 / 2048: --decode-tokens greedy steps after a prompt of that length, tokens/s over all
      steps (dsmoe: `stream`, from its first token to its last; llama.cpp: `llama-bench -n N -d 256`);
    * peak RSS: the process's peak (getrusage of the child) in the decode-after-2048 run; for dsmoe also the
-     peak while decoding only (VmHWM reset after the prefill) and the peak of a process that only imports torch
-     and dsmoe (the PyTorch runtime, which issue 16's RSS target subtracts).
+     peak while decoding only (VmHWM reset after the prefill; the reset also clears what getrusage reports, so
+     the run's peak is the larger of VmHWM before the reset and getrusage) and the peak of a process that only
+     imports torch and dsmoe (the PyTorch runtime, which issue 16's RSS target subtracts).
    llama.cpp runs llama-bench's defaults otherwise (f16 K/V cache: llama-bench has no f32 cache type; flash
    attention auto). MLA's cache is 160 values per token per layer here (2.6 MB at 2048 tokens in f16), so its
    type barely moves time or memory. The medians over rounds are reported.
@@ -51,6 +53,9 @@ from serve_http import free_port, launch, stop_server, wait_ready
 
 GGUF_TYPES = {"fp32": "f32", "bf16": "bf16"}
 MEASUREMENTS = ("prefill", "decode@256", "decode@2048")
+# dsmoe prefills a long prompt in chunks of this many positions, as llama.cpp does in micro-batches of its
+# n_ubatch (llama-bench's default -ub 512): both then hold activations of 512 positions, not of the prompt.
+PREFILL_CHUNK = 512
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
@@ -150,7 +155,8 @@ def dsmoe_measure(checkpoint: Path, dtype: str, measurement: str, args) -> dict:
     text, peak = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
                               llamacpp.child_env(args.threads))
     result = json.loads(text.strip().splitlines()[-1])
-    result["peak_rss_bytes"] = peak
+    # resetting VmHWM after the prefill also resets what wait4 reports: the run's peak is the larger of the two
+    result["peak_rss_bytes"] = max(peak, result.pop("prefill_peak_rss_bytes", None) or 0)
     return result
 
 
@@ -172,21 +178,23 @@ def worker(job: dict) -> dict:
     if job["measurement"] == "prefill":
         ids = torch.tensor([prompt_ids(job["prefill"], vocab, 2)])
         began = time.perf_counter()
-        next(iter(stream(model, ids, 1)))
+        next(iter(stream(model, ids, 1, prefill_chunk=PREFILL_CHUNK)))
         return {"tokens_per_s": job["prefill"] / (time.perf_counter() - began)}
     depth = int(job["measurement"].split("@")[1])
     ids = torch.tensor([prompt_ids(depth, vocab, 3)])
     n = job["decode_tokens"]
     compiled = job.get("compiled", False)
     if compiled:  # compile for these shapes first, untimed (llama-bench warms up too)
-        for _ in stream(model, ids, n + 1, compiled=True):
+        for _ in stream(model, ids, n + 1, compiled=True, prefill_chunk=PREFILL_CHUNK):
             pass
     times = []
-    for i, _ in enumerate(stream(model, ids, n + 1, compiled=compiled)):
+    for i, _ in enumerate(stream(model, ids, n + 1, compiled=compiled, prefill_chunk=PREFILL_CHUNK)):
         times.append(time.perf_counter())
         if i == 0:
+            before = _peak()
             _reset_peak()
-    return {"tokens_per_s": n / (times[-1] - times[0]), "decode_peak_rss_bytes": _peak()}
+    return {"tokens_per_s": n / (times[-1] - times[0]), "decode_peak_rss_bytes": _peak(),
+            "prefill_peak_rss_bytes": before}
 
 
 def _reset_peak() -> None:

@@ -109,6 +109,22 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(preset, device):
     assert [len(row) for row in batched] == [len(p) + 10 for p in prompts]
 
 
+@pytest.mark.parametrize("preset,changes", [("tiny-v1", {}), ("tiny-v3", {}), ("tiny-v3.2", {}),
+                                            ("tiny-mixtral", dict(sliding_window=6)), ("tiny-v4", {})])
+def test_chunked_prefill_equals_one_forward(preset, changes, device):
+    # The prompt written into the cache 5 positions at a time (after cached ones: a causal mask, a rolling
+    # sliding-window cache, DSA's indexer keys) gives the same tokens; a V4 model prefills in one forward.
+    if preset == "tiny-v4":  # its layer_types fix the depth
+        torch.manual_seed(0)
+        model = dsmoe.Transformer(get_preset(preset).replace(initializer_range=0.08)).eval().to(device)
+    else:
+        model = _model(preset, **changes).to(device)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [10, 11, 12, 13], list(range(20, 31))]
+    assert generate(model, prompts, 6, prefill_chunk=5) == generate(model, prompts, 6)
+    one = torch.tensor([prompts[0]])
+    assert torch.equal(generate(model, one, 6, prefill_chunk=4), generate(model, one, 6))
+
+
 def test_eos_stops_rows_and_pads(device):
     model = _model("tiny-v3").to(device)
     prompts = torch.tensor([[5, 6, 7], [8, 9, 10]])
@@ -140,7 +156,8 @@ def test_sampling_is_seeded_and_filters(device):
     (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"), (dict(max_new_tokens=5000), "max_position_embeddings"),
     (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
     (dict(top_p=float("nan")), "top_p"), (dict(eos_token_id=1.5), "eos_token_id"),
-    (dict(eos_token_id="1"), "eos_token_id"),
+    (dict(eos_token_id="1"), "eos_token_id"), (dict(prefill_chunk=0), "prefill_chunk"),
+    (dict(prefill_chunk=2.0), "prefill_chunk"),
 ])
 def test_bad_generation_arguments(kwargs, match):
     model = _model("tiny-v1")

@@ -102,3 +102,47 @@ def test_peak_memory_of_a_load_is_about_the_model(checkpoint, dtype, tmp_path):
     assert after > 0.9 * size  # the weights are really resident (the measurement sees them)
     assert peak < size + largest + 8 * mib, (f"peak RSS during load {peak / mib:.0f} MiB for a "
                                              f"{size / mib:.0f} MiB model (largest tensor {largest / mib:.0f} MiB)")
+
+
+_FRESH = r"""
+import sys, torch, dsmoe
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+base = status("VmRSS")
+model = dsmoe.load_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+heavy = [m for m in ("torch._dynamo", "torch._inductor", "sympy") if m in sys.modules]
+print(size, status("VmHWM") - base, ",".join(heavy) or "-")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc to read peak RSS")
+def test_first_load_in_a_fresh_process_costs_about_the_model(checkpoint):
+    # No warm-up load here: the one-off costs of a first load count too (~12 MiB: code pages, the plan).
+    # Building the model on the meta device used to run nn.Embedding's normal_ there, which imports
+    # torch._dynamo, torch._inductor and sympy (~70 MiB resident for good); and a bf16 load of this fp32
+    # checkpoint stages one fp32 tensor at a time, never an fp32 copy of the model (+2x its bf16 size).
+    largest = _config().vocab_size * _config().hidden_size * 4  # the fp32 embedding, the largest tensor staged
+    out = subprocess.run([sys.executable, "-c", _FRESH, str(checkpoint), "bfloat16"], capture_output=True,
+                         text=True, check=True,  # a fixed mmap threshold, as above: a steady figure (47 MiB)
+                         env={"PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                              "MALLOC_MMAP_THRESHOLD_": "1048576"})
+    size, peak, heavy = out.stdout.split()
+    size, peak, mib = int(size), int(peak), 2**20
+    assert heavy == "-", f"load_pretrained imported {heavy}"
+    assert peak < size + largest + 20 * mib, (f"peak RSS of a first load {peak / mib:.0f} MiB for a "
+                                              f"{size / mib:.0f} MiB model")
+
+
+def test_meta_device_skips_initialisers_of_meta_tensors_only():
+    from dsmoe.device import meta_device
+
+    with meta_device():
+        embed = torch.nn.Embedding(8, 4)
+        linear = torch.nn.Linear(4, 4)
+        real = torch.zeros(4, device="cpu")
+        torch.nn.init.normal_(real)  # not a meta tensor: initialised as usual
+    assert embed.weight.is_meta and linear.weight.is_meta
+    assert bool((real != 0).any())

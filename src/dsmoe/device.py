@@ -7,6 +7,9 @@ have, or CUDA asked for on a torch build or machine without it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, meta or auto"
@@ -59,4 +62,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["DEVICE_CHOICES", "resolve_device", "synchronize"]
+
+class _SkipMetaInit(torch.overrides.TorchFunctionMode):
+    """Drops in-place initialisers (torch.nn.init.*, Tensor.normal_ / uniform_ / ...) applied to meta tensors."""
+
+    _INIT = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_normal_", "kaiming_uniform_",
+                       "xavier_normal_", "xavier_uniform_", "orthogonal_", "sparse_", "constant_", "zeros_",
+                       "ones_", "eye_", "dirac_", "random_", "exponential_", "geometric_", "cauchy_",
+                       "log_normal_", "bernoulli_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by keyword
+        if getattr(func, "__name__", None) in self._INIT and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def meta_device() -> Iterator[None]:
+    """`with meta_device(): model = Transformer(config)` builds modules with parameters on the meta device (no
+    memory), as `with torch.device("meta")` does, but without running their initialisers: those do nothing on
+    meta tensors, yet `normal_` on a meta tensor goes through torch._refs, whose first use imports
+    torch._dynamo, torch._inductor and sympy, ~75 MiB of resident memory for the rest of the process (a
+    loaded checkpoint assigns every parameter anyway)."""
+    with torch.device("meta"), _SkipMetaInit():  # the skipping mode innermost: it sees the calls first
+        yield
+
+
+__all__ = ["DEVICE_CHOICES", "meta_device", "resolve_device", "synchronize"]

@@ -116,7 +116,8 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
            eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
            speculative: bool = False, stats: GenerationStats | None = None,
            sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
-           cuda_graph: bool = False, compiled: bool = False) -> Iterator[torch.Tensor]:
+           cuda_graph: bool = False, compiled: bool = False, prefill_chunk: int | None = None
+           ) -> Iterator[torch.Tensor]:
     """Yield new tokens as they are decided: (B, n) per step (n = 1, or 2 when a draft is accepted).
     Rows that have emitted EOS yield their EOS id again as padding; the stream ends when every row has
     finished or max_new_tokens were produced.
@@ -128,8 +129,16 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
     compiled: decode steps through torch.compile (dsmoe.decode_graph.CompiledDecodeStep): on a CPU about twice
     as fast per step once compiled; the first step of a new shape compiles (~15 s on 2 cores). Same tokens as
     the eager step. ValueError for models it does not cover (V3.2 sparse attention, sliding windows, V4).
+    prefill_chunk: write the prompt into the cache in forwards of at most this many positions (None: one
+    forward). The prefill's activations (MoE dispatch buffers, attention scores, the MLP's hidden states)
+    then scale with the chunk instead of the prompt, which bounds the peak memory of a long prompt; the
+    tokens are the same up to float rounding. Plain decoding only: speculative decoding, and DeepSeek-V4
+    models (their compressed caches), prefill in one forward.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
     device = model.embed.weight.device
     ids, pad = _batch_prompts(input_ids)
     ids, pad = ids.to(device), None if pad is None else pad.to(device)
@@ -161,7 +170,7 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
             raise ValueError("compiled / CUDA graph decoding is not supported with sharded experts "
                              "(collectives per step)")
         steps = _plain(model, ids, pad, max_new_tokens, capacity, temperature, top_k, top_p, generator, sync,
-                       cuda_graph, compiled)
+                       cuda_graph, compiled, prefill_chunk)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     produced = 0
     for tokens in steps:  # (B, n)
@@ -183,7 +192,7 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
 def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_new_tokens: int, capacity: int,
            temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
            sync: Callable[[torch.Tensor], torch.Tensor] | None = None, cuda_graph: bool = False,
-           compiled: bool = False) -> Iterator[torch.Tensor]:
+           compiled: bool = False, prefill_chunk: int | None = None) -> Iterator[torch.Tensor]:
     B, T = ids.shape
     if pad is not None and model.config.model_type == "deepseek_v4":  # positional windows: one cache per row
         from .generate_v4 import plain_rows
@@ -199,9 +208,13 @@ def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_
     elif compiled:
         from .decode_graph import CompiledDecodeStep
         fixed_step = CompiledDecodeStep(model, cache, pad)
-    # Prefill in one forward; only the last position's logits are needed (the head is ~20% of a prefill).
-    # stream() validated the prompt; sampled tokens are in the vocabulary: no per-step id checks below.
-    logits = model.head(model.hidden_states(ids, cache, pad=pad, check=False)[:, -1]).float()
+    # Prefill in one forward (or chunks); only the last position's logits are needed (the head is ~20% of a
+    # prefill). stream() validated the prompt; sampled tokens are in the vocabulary: no per-step id checks below.
+    if prefill_chunk is None or model.config.model_type == "deepseek_v4":
+        prefill_chunk = T
+    for begin in range(0, T, prefill_chunk):
+        h = model.hidden_states(ids[:, begin:begin + prefill_chunk], cache, begin, pad=pad, check=False)[:, -1]
+    logits = model.head(h).float()
     for step in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         if sync is not None:
@@ -267,7 +280,8 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, seed: int | None = None,
              speculative: bool = False, stats: GenerationStats | None = None,
-             cuda_graph: bool = False, compiled: bool = False) -> torch.Tensor | list[list[int]]:
+             cuda_graph: bool = False, compiled: bool = False, prefill_chunk: int | None = None
+             ) -> torch.Tensor | list[list[int]]:
     """Prompts followed by their new tokens.
 
     input_ids: a (B, T) LongTensor -> a (B, T + n) tensor, rows that hit EOS padded with EOS after it;
@@ -277,11 +291,12 @@ def generate(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int
     speculative: greedy decoding with the MTP module as drafter (same output as plain greedy).
     cuda_graph: replay decode steps from a CUDA graph (see stream).
     compiled: decode steps through torch.compile (see stream).
+    prefill_chunk: prefill the prompt in forwards of at most this many positions (see stream).
     """
     if speculative and temperature != 0:
         raise ValueError("speculative decoding is greedy only: use temperature=0")
     new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-                      speculative, stats, cuda_graph=cuda_graph, compiled=compiled))
+                      speculative, stats, cuda_graph=cuda_graph, compiled=compiled, prefill_chunk=prefill_chunk))
     device = model.embed.weight.device
     out = torch.cat([torch.zeros(len(input_ids), 0, dtype=torch.long, device=device), *new], dim=1)
     if isinstance(input_ids, torch.Tensor):  # returned on the device the prompt came on

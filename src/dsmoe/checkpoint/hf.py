@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..device import resolve_device
+from ..device import meta_device, resolve_device
 from ..files import atomic_write_text
 from ..model import Transformer
 from ..model.v4 import V4Transformer
@@ -81,7 +81,7 @@ def _load(directory: Path, config: ModelConfig, dtype: torch.dtype | None, devic
     v4 = config.model_type == "deepseek_v4"
     with ShardReader(directory) as reader:
         with_mtp = checkpoint_has_mtp(config, set(reader.names()))
-        with torch.device("meta"):
+        with meta_device():
             model = (V4Transformer if v4 else Transformer)(config, with_mtp=with_mtp)
         expected = {name: t for name, t in model.state_dict().items()
                     if not (config.tie_word_embeddings and name == "head.weight")}

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..device import meta_device
 from ..model import Transformer
 from .expert import ExpertParallelExperts
 from .groups import ParallelInfo
@@ -71,7 +72,7 @@ def unshard_experts(model: Transformer, info: ParallelInfo) -> Transformer | Non
     state = full_state_dict(model, info)
     if state is None:
         return None
-    with torch.device("meta"):
+    with meta_device():
         plain = Transformer(model.config, with_mtp=len(model.mtp) > 0)
     plain.load_state_dict(state, strict=True, assign=True)
     if model.config.tie_word_embeddings:

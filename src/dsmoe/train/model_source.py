@@ -21,6 +21,7 @@ import torch
 from ..calc import format_bytes, format_count
 from ..checkpoint.names import hf_names
 from ..config import ModelConfig
+from ..device import meta_device
 from ..presets import PRESETS, get_preset
 
 # fp32 master weight + its gradient + AdamW's two moments, per trainable parameter; frozen ones keep the weight.
@@ -124,7 +125,7 @@ def meta_parameters(config: ModelConfig, with_mtp: bool | None = None) -> dict[s
     """name -> element count of every parameter of `Transformer(config)`, built on the meta device (no memory)."""
     from ..model import Transformer
 
-    with torch.device("meta"):
+    with meta_device():
         model = Transformer(config, with_mtp=with_mtp)
     return {name: p.numel() for name, p in model.named_parameters()}
 

@@ -81,17 +81,26 @@ def test_latent_attention(S, Q, dtype):
         torch.testing.assert_close(ops.latent_attention(q, latent, C, 0.3, m).float(), ref.to(dtype).float(), **tol)
 
 
+@pytest.mark.parametrize("S", [5, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_project(dtype):
-    H, N, V, C, M = 4, 12, 10, 16, 3
-    w = _rand(H * (N + V), C, dtype=dtype).view(H, N + V, C)  # wkv_b's layout: per head [W_UK; W_UV]
-    w_uk, w_uv = w[:, :N], w[:, N:]
-    x, out = _rand(M, H, N, dtype=dtype, seed=1), _rand(M, H, C, dtype=dtype, seed=2)
+def test_mla_decode_equals_absorbed_attention_in_pytorch(S, dtype):
+    """The fused step against the absorbed form written out in PyTorch: q_lat = q_nope W_UK per head, attention
+    over the latent, o W_UV^T per head."""
+    B, H, N, R, V, C = 2, 3, 12, 8, 10, 16
+    w = _rand(H * (N + V), C, dtype=dtype)
+    w_uk, w_uv = w.view(H, N + V, C)[:, :N], w.view(H, N + V, C)[:, N:]
+    q = _rand(B, 1, H, N + R, dtype=dtype, seed=1)
+    q_nope, q_pe = q[..., :N].reshape(B, H, N), q[..., N:].reshape(B, H, R)  # strided views, as the model has
+    latent = _rand(B, S + 3, C + R, dtype=dtype, seed=2)[:, :S]
+    mask = torch.rand(B, S, generator=torch.Generator().manual_seed(3)) > 0.4
+    mask[:, -1] = True
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
-    ref = torch.einsum("mhn,hnc->mhc", x.float(), w_uk.float())
-    torch.testing.assert_close(ops.head_project(x, w_uk, True).float(), ref.to(dtype).float(), **tol)
-    ref = torch.einsum("mhc,hvc->mhv", out.float(), w_uv.float())
-    torch.testing.assert_close(ops.head_project(out, w_uv, False).float(), ref.to(dtype).float(), **tol)
+    for m in (None, mask):
+        q_lat = torch.einsum("bhn,hnc->bhc", q_nope.float(), w_uk.float())
+        o = _attention_reference(torch.cat((q_lat, q_pe.float()), -1), latent, C, 0.2, m)
+        ref = torch.einsum("bhc,hvc->bhv", o, w_uv.float()).reshape(B, H * V)
+        got = ops.mla_decode(q_nope, q_pe, latent, w, V, 0.2, m)
+        torch.testing.assert_close(got.float(), ref.to(dtype).float(), **tol)
 
 
 def test_small_batch_kernels_only_for_small_cpu_inference_calls():

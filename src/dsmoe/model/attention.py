@@ -216,16 +216,14 @@ class MLAttention(nn.Module):
 
     def _absorbed_decode(self, ops, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor:
-        """`_absorbed` for one query token per sequence with dsmoe's CPU decode kernels (ops/cpu_kernels.py):
-        the W_UK / W_UV products read wkv_b in place and scores, softmax and the weighted latent sum are one
-        call, split over the keys across threads. mask (B or 1, 1, 1, S) or None -> (B, 1, H*V)."""
+        """`_absorbed` for one query token per sequence in one call of dsmoe's CPU decode kernels
+        (ops/cpu_kernels.py, mla_decode): W_UK and W_UV read in place from wkv_b, scores, softmax and the
+        weighted latent sum split over the keys across threads. mask (B or 1, 1, 1, S) or None -> (B, 1, H*V)."""
         B, _, H, _ = q_nope.shape
-        w_uk, w_uv = self._w_uk_uv()  # (H, N, C), (H, V, C)
-        q_lat = ops.head_project(q_nope.reshape(B, H, self.nope_dim), w_uk, True)  # (B, H, C)
-        q = torch.cat((q_lat, q_pe.reshape(B, H, self.rope_dim).to(q_lat.dtype)), dim=-1)  # (B, H, C + R)
         visible = None if mask is None else mask.reshape(mask.shape[0], mask.shape[-1]).expand(B, -1)
-        out = ops.latent_attention(q, latent, self.kv_rank, self.scale, visible)  # (B, H, C)
-        return ops.head_project(out, w_uv, False).reshape(B, 1, H * self.v_dim)
+        out = ops.mla_decode(q_nope.reshape(B, H, self.nope_dim), q_pe.reshape(B, H, self.rope_dim), latent,
+                             self.wkv_b.weight, self.v_dim, self.scale, visible)  # (B, H * V)
+        return out.view(B, 1, H * self.v_dim)
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (H, N, C) and W_UV (H, V, C), views of wkv_b."""

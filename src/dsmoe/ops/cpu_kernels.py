@@ -1,6 +1,7 @@
 """The small-batch CPU decode kernels (ops/cpu/decode_kernels.cpp), compiled on first use.
 
-`kernels()` returns torch.ops.dsmoe_cpu (linear, swiglu, moe_experts, latent_attention, head_project) or None where they cannot be built
+`kernels()` returns torch.ops.dsmoe_cpu (linear, swiglu, moe_experts, latent_attention,
+mla_decode) or None where they cannot be built
 (no C++ compiler or ninja, a build error, or DSMOE_CPU_KERNELS=0): callers then keep PyTorch's own
 operators, which compute the same thing (tests/test_cpu_kernels.py holds each kernel against them).
 The build goes through torch.utils.cpp_extension with -O3 -march=native into torch's extension cache
@@ -127,9 +128,9 @@ def _register_fakes() -> None:
     def _latent_attention(q, latent, value_dim, scale, mask):
         return q.new_empty(q.shape[0], q.shape[1], value_dim)
 
-    @torch.library.register_fake("dsmoe_cpu::head_project")
-    def _head_project(x, w, transpose):
-        return x.new_empty(x.shape[0], x.shape[1], w.shape[2] if transpose else w.shape[1])
+    @torch.library.register_fake("dsmoe_cpu::mla_decode")
+    def _mla_decode(q_nope, q_pe, latent, wkv_b, v_dim, scale, mask):
+        return q_nope.new_empty(q_nope.shape[0], q_nope.shape[1] * v_dim)
 
 
 __all__ = ["MAX_TOKENS", "SOURCE", "cpu_kernels", "kernels", "small_batch_kernels", "unavailable_reason"]

@@ -14,7 +14,8 @@
 //   moe_experts(x (M, D), idx (M, k) long, gate (M, k) fp32,
 //               w1 (E, I, D), w2 (E, D, I), w3 (E, I, D)) -> (M, D)   sum_j gate[m,j] * expert_idx[m,j](x[m])
 //   latent_attention(q (B, Q, W), latent (B, S, W), value_dim C, scale, mask (B, S)?) -> (B, Q, C)
-//   head_project(x (M, H, K), w (H, R, K'), transpose) -> (M, H, R) or (M, H, K')   (any M)
+//   mla_decode(q_nope (B, H, N), q_pe (B, H, R), latent (B, S, C + R), wkv_b (H * (N + V), C), V, scale,
+//              mask (B, S)?) -> (B, H * V)                  absorbed MLA decode attention, W_UK / W_UV included
 // x and the output share a dtype (fp32 or bf16); weights are fp32 or bf16; all contiguous.
 
 #include <ATen/ATen.h>
@@ -166,32 +167,70 @@ void with_weight(const at::Tensor& w, Fn fn) {
   }
 }
 
-at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w) {
-  check_operands("dsmoe_cpu.linear", x_in, w, 2);
-  TORCH_CHECK(w.size(1) == x_in.size(1), "dsmoe_cpu.linear: x has ", x_in.size(1), " features, weight ", w.sizes());
-  const int64_t M = x_in.size(0), K = w.size(1), N = w.size(0);
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// A 2-d (rows, width) operand as fp32 rows: x's own memory when it is fp32 with contiguous rows, else a converted
+// copy in buf (any row stride; bf16 widened exactly). Saves an ATen conversion and allocation per call.
+const float* rows_fp32(const at::Tensor& x, std::vector<float>& buf) {
+  const int64_t R = x.size(0), W = x.size(1);
+  if (x.scalar_type() == at::kFloat && x.stride(1) == 1 && (x.stride(0) == W || R == 1)) return x.data_ptr<float>();
+  buf.resize(R * W);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < W; ++c)
+      buf[r * W + c] = x.scalar_type() == at::kFloat
+                           ? x.data_ptr<float>()[r * x.stride(0) + c * x.stride(1)]
+                           : static_cast<float>(x.data_ptr<at::BFloat16>()[r * x.stride(0) + c * x.stride(1)]);
+  return buf.data();
+}
+
+// An output of `dtype` and `sizes` whose values are computed in fp32: into the tensor itself when it is fp32,
+// else into a scratch buffer that finish() rounds into it (to nearest even, as PyTorch's casts do).
+struct Fp32Output {
+  at::Tensor tensor;
+  std::vector<float> scratch;
+  float* data;
+  Fp32Output(at::IntArrayRef sizes, at::ScalarType dtype, bool zeroed) {
+    tensor = zeroed && dtype == at::kFloat ? at::zeros(sizes, at::dtype(dtype)) : at::empty(sizes, at::dtype(dtype));
+    if (dtype == at::kFloat) {
+      data = tensor.data_ptr<float>();
+    } else {
+      scratch.assign(tensor.numel(), 0.0f);
+      data = scratch.data();
+    }
+  }
+  at::Tensor finish() {
+    if (tensor.scalar_type() != at::kFloat) {
+      at::BFloat16* o = tensor.data_ptr<at::BFloat16>();
+      for (size_t i = 0; i < scratch.size(); ++i) o[i] = at::BFloat16(scratch[i]);
+    }
+    return tensor;
+  }
+};
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
+  check_operands("dsmoe_cpu.linear", x, w, 2);
+  TORCH_CHECK(w.size(1) == x.size(1), "dsmoe_cpu.linear: x has ", x.size(1), " features, weight ", w.sizes());
+  const int64_t M = x.size(0), K = w.size(1), N = w.size(0);
+  std::vector<float> buf;
+  const float* xp = rows_fp32(x, buf);
+  Fp32Output out({M, N}, x.scalar_type(), false);
+  float* op = out.data;
   with_weight(w, [&](auto* wp) {
     at::parallel_for(0, N, grain_rows(K, w.element_size()),
                      [&](int64_t n0, int64_t n1) { dot_rows(M, wp, xp, K, n0, n1, op, N); });
   });
-  return out.to(x_in.scalar_type());
+  return out.finish();
 }
 
-at::Tensor swiglu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w3) {
-  check_operands("dsmoe_cpu.swiglu", x_in, w1, 2);
-  check_operands("dsmoe_cpu.swiglu", x_in, w3, 2);
-  TORCH_CHECK(w1.sizes() == w3.sizes() && w1.scalar_type() == w3.scalar_type() && w1.size(1) == x_in.size(1),
+at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3) {
+  check_operands("dsmoe_cpu.swiglu", x, w1, 2);
+  check_operands("dsmoe_cpu.swiglu", x, w3, 2);
+  TORCH_CHECK(w1.sizes() == w3.sizes() && w1.scalar_type() == w3.scalar_type() && w1.size(1) == x.size(1),
               "dsmoe_cpu.swiglu: w1 ", w1.sizes(), " and w3 ", w3.sizes(), " must match each other and x ",
-              x_in.sizes());
-  const int64_t M = x_in.size(0), K = w1.size(1), N = w1.size(0);
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+              x.sizes());
+  const int64_t M = x.size(0), K = w1.size(1), N = w1.size(0);
+  std::vector<float> buf;
+  const float* xp = rows_fp32(x, buf);
+  Fp32Output out({M, N}, x.scalar_type(), false);
+  float* op = out.data;
   with_weight(w1, [&](auto* w1p) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(w1p)>>;
     const W* w3p = reinterpret_cast<const W*>(w3.data_ptr());
@@ -204,15 +243,15 @@ at::Tensor swiglu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor
       }
     });
   });
-  return out.to(x_in.scalar_type());
+  return out.finish();
 }
 
-at::Tensor moe_experts(const at::Tensor& x_in, const at::Tensor& idx_in, const at::Tensor& gate_in,
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx_in, const at::Tensor& gate_in,
                        const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3) {
-  check_operands("dsmoe_cpu.moe_experts", x_in, w1, 3);
-  check_operands("dsmoe_cpu.moe_experts", x_in, w2, 3);
-  check_operands("dsmoe_cpu.moe_experts", x_in, w3, 3);
-  const int64_t M = x_in.size(0), D = x_in.size(1), E = w1.size(0), I = w1.size(1);
+  check_operands("dsmoe_cpu.moe_experts", x, w1, 3);
+  check_operands("dsmoe_cpu.moe_experts", x, w2, 3);
+  check_operands("dsmoe_cpu.moe_experts", x, w3, 3);
+  const int64_t M = x.size(0), D = x.size(1), E = w1.size(0), I = w1.size(1);
   TORCH_CHECK(w1.sizes() == w3.sizes() && w1.size(2) == D && w2.size(0) == E && w2.size(1) == D &&
                   w2.size(2) == I && w1.scalar_type() == w2.scalar_type() && w1.scalar_type() == w3.scalar_type(),
               "dsmoe_cpu.moe_experts: expert weights w1 ", w1.sizes(), ", w2 ", w2.sizes(), ", w3 ", w3.sizes(),
@@ -241,23 +280,23 @@ at::Tensor moe_experts(const at::Tensor& x_in, const at::Tensor& idx_in, const a
   }
   const int64_t U = static_cast<int64_t>(experts.size());
 
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const float* xp = x.data_ptr<float>();
+  std::vector<float> buf;
+  const float* xp = rows_fp32(x, buf);
   // Each picked expert's tokens, gathered (U, M, D), and their gated SwiGLU activations (U, M, I).
   std::vector<float> xs(U * kMaxTokens * D), hs(U * kMaxTokens * I);
   for (int64_t u = 0; u < U; ++u)
     for (size_t j = 0; j < pairs[u].size(); ++j)
       std::memcpy(&xs[(u * kMaxTokens + j) * D], xp + (pairs[u][j] / k) * D, D * sizeof(float));
 
-  at::Tensor out = at::zeros({M, D}, x.options());
-  float* op = out.data_ptr<float>();
+  Fp32Output out({M, D}, x.scalar_type(), true);
+  float* op = out.data;
   with_weight(w1, [&](auto* w1p) {
     using W = std::remove_const_t<std::remove_pointer_t<decltype(w1p)>>;
     const W* w3p = reinterpret_cast<const W*>(w3.data_ptr());
     const W* w2p = reinterpret_cast<const W*>(w2.data_ptr());
     // h = gate * silu(w1 x) * (w3 x), the gate folded into the I-wide activation (w2 is linear).
     at::parallel_for(0, U * I, grain_rows(2 * D, w1.element_size()), [&](int64_t r0, int64_t r1) {
-      float g[kMaxTokens], up[kMaxTokens];
+      float up[kMaxTokens];
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t u = r / I, i = r % I, n = static_cast<int64_t>(pairs[u].size());
         const W* a = w1p + (experts[u] * I) * D;
@@ -265,8 +304,7 @@ at::Tensor moe_experts(const at::Tensor& x_in, const at::Tensor& idx_in, const a
         float* h = &hs[u * kMaxTokens * I];
         dot_rows(n, a, &xs[u * kMaxTokens * D], D, i, i + 1, h, I);
         dot_rows(n, b, &xs[u * kMaxTokens * D], D, i, i + 1, up - i, 1);
-        for (int64_t j = 0; j < n; ++j) g[j] = gp[pairs[u][j]];
-        for (int64_t j = 0; j < n; ++j) h[j * I + i] = g[j] * silu(h[j * I + i]) * up[j];
+        for (int64_t j = 0; j < n; ++j) h[j * I + i] = gp[pairs[u][j]] * silu(h[j * I + i]) * up[j];
       }
     });
     // y[t, d] = sum over the token's experts of w2[e, d] . h: rows d split across threads, no races.
@@ -282,130 +320,185 @@ at::Tensor moe_experts(const at::Tensor& x_in, const at::Tensor& idx_in, const a
       }
     });
   });
-  return out.to(x_in.scalar_type());
+  return out.finish();
 }
 
-// Absorbed MLA decode attention (DeepSeek-V2 section 2.1.3): every query row of a sequence against the
-// sequence's cached latent rows [c_kv | k_pe], softmax, and the probability-weighted sum of the c_kv parts.
-// q (B, Q, W), latent (B, S, W) (rows contiguous; a slice of a larger cache is fine), mask (B, S) bool or
-// none (True = may attend) -> (B, Q, C) in q's dtype, C = value_dim <= W. Keys are split into chunks across
-// threads, each keeping its own running max, sum and output; the chunks are merged at the end (the split
-// softmax of flash decoding), so one sequence's step uses every thread.
-at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& latent, int64_t value_dim, double scale,
-                            const c10::optional<at::Tensor>& mask_in) {
-  const char* op = "dsmoe_cpu.latent_attention";
-  TORCH_CHECK(q_in.device().is_cpu() && latent.device().is_cpu(), op, ": CPU tensors only");
-  TORCH_CHECK(q_in.dim() == 3 && latent.dim() == 3 && q_in.size(0) == latent.size(0) && q_in.size(2) == latent.size(2),
-              op, ": q ", q_in.sizes(), " and latent ", latent.sizes(), " must be (B, Q, W) and (B, S, W)");
-  TORCH_CHECK(latent.stride(2) == 1 && latent.stride(1) == latent.size(2), op,
-              ": latent rows must be contiguous, strides ", latent.strides());
+// exp(v) for v <= 0 (softmax arguments after subtracting the maximum): 2^(v log2 e) split into an integer
+// power of two (exponent bits) and a degree-6 polynomial on [-0.5, 0.5] (relative error ~2e-7); -inf -> 0.
+#ifdef DSMOE_AVX2
+inline __m256 exp_nonpositive(__m256 v) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  __m256 t = _mm256_mul_ps(_mm256_max_ps(v, lo), _mm256_set1_ps(1.44269504088896341f));
+  __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.693147180559945f));  // e^f, |f| <= ln2 / 2
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+  return _mm256_and_ps(r, _mm256_cmp_ps(v, lo, _CMP_GE_OQ));  // below -87 (and -inf): 0
+}
+#endif
+
+// sc[j] = exp(sc[j] - top) for j < n; returns their sum.
+inline float exp_shifted(float* sc, int64_t n, float top) {
+  float total = 0.0f;
+  int64_t j = 0;
+#ifdef DSMOE_AVX2
+  const __m256 t = _mm256_set1_ps(top);
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sc + j), t));
+    _mm256_storeu_ps(sc + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  total = hsum(acc);
+#endif
+  for (; j < n; ++j) {
+    sc[j] = std::exp(sc[j] - top);
+    total += sc[j];
+  }
+  return total;
+}
+
+// Attention of Q fp32 query rows (Q, W) of one sequence over its latent rows (S, W): the softmax-weighted sum of
+// the rows' first C values -> y (Q, C). Keys split into `chunks` pieces across threads, each with its own max,
+// sum and output, merged at the end (flash decoding's split softmax).
+template <typename L>
+void attend_latent(const float* q, int64_t Q, const L* rows, int64_t S, int64_t Wd, int64_t C, float scale,
+                   const bool* visible, float* y) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((S + 63) / 64, at::get_num_threads()));
+  const int64_t chunk = (S + chunks - 1) / chunks;
+  std::vector<float> maxes(chunks * Q, -INFINITY), sums(chunks * Q, 0.0f), parts(chunks * Q * C, 0.0f);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> scores(Q * chunk);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t s0 = c * chunk, s1 = std::min(S, s0 + chunk), n = s1 - s0;
+      if (n <= 0) continue;
+      float* mx = &maxes[c * Q];
+      float* sm = &sums[c * Q];
+      float* acc = &parts[c * Q * C];
+      // scores[m, j] for key s0 + j: each latent row read once for all Q query rows
+      dot_rows_blocked(Q, rows + s0 * Wd, q, Wd, 0, n, scores.data(), n);
+      for (int64_t m = 0; m < Q; ++m) {
+        float* sc = &scores[m * n];
+        for (int64_t j = 0; j < n; ++j) {
+          sc[j] = (visible && !visible[s0 + j]) ? -INFINITY : sc[j] * scale;
+          mx[m] = std::max(mx[m], sc[j]);
+        }
+        if (mx[m] != -INFINITY) sm[m] = exp_shifted(sc, n, mx[m]);
+      }
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t m = 0; m < Q; ++m)
+          if (mx[m] != -INFINITY) axpy(scores[m * n + j], rows + (s0 + j) * Wd, acc + m * C, C);
+    }
+  });
+  for (int64_t m = 0; m < Q; ++m) {
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) top = std::max(top, maxes[c * Q + m]);
+    float* ym = y + m * C;
+    std::fill(ym, ym + C, 0.0f);
+    if (top == -INFINITY) continue;  // no visible key: zeros (callers never ask for this)
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (maxes[c * Q + m] == -INFINITY) continue;
+      const float w = std::exp(maxes[c * Q + m] - top);
+      total += w * sums[c * Q + m];
+      axpy(w, &parts[(c * Q + m) * C], ym, C);
+    }
+    for (int64_t i = 0; i < C; ++i) ym[i] /= total;
+  }
+}
+
+void check_latent(const char* op, const at::Tensor& latent, int64_t B, int64_t Wd) {
+  TORCH_CHECK(latent.device().is_cpu() && latent.dim() == 3 && latent.size(0) == B && latent.size(2) == Wd &&
+                  latent.size(1) > 0, op, ": latent ", latent.sizes(), " must be (B=", B, ", S>0, W=", Wd, ")");
+  TORCH_CHECK(latent.stride(2) == 1 && latent.stride(1) == Wd, op, ": latent rows must be contiguous, strides ",
+              latent.strides());
   TORCH_CHECK(latent.scalar_type() == at::kFloat || latent.scalar_type() == at::kBFloat16, op,
               ": latent must be float32 or bfloat16, got ", latent.scalar_type());
-  const int64_t B = q_in.size(0), Q = q_in.size(1), Wd = q_in.size(2), S = latent.size(1), C = value_dim;
-  TORCH_CHECK(C > 0 && C <= Wd && S > 0, op, ": value_dim ", C, " must be in 1..", Wd, " and S > 0");
-  at::Tensor mask;
-  if (mask_in.has_value()) {
-    mask = mask_in->to(at::kBool).contiguous();
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) >= S, op, ": mask ", mask.sizes(),
-                " must be (B=", B, ", S>=", S, ")");
-  }
-  at::Tensor q = q_in.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({B, Q, C}, q.options());
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((S + 31) / 32, (threads + B - 1) / B));
-  const int64_t chunk = (S + chunks - 1) / chunks;
-  // per (b, chunk): Q maxima, Q sums, Q x C partial outputs
-  std::vector<float> maxes(B * chunks * Q), sums(B * chunks * Q), parts(B * chunks * Q * C);
-  const float* qp = q.data_ptr<float>();
-  const bool* mp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  const int64_t mask_stride = mask.defined() ? mask.size(1) : 0;
-  with_weight(latent, [&](auto* lp) {
-    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scores(Q * chunk);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / chunks, s0 = (t % chunks) * chunk, s1 = std::min(S, s0 + chunk);
-        float* mx = &maxes[t * Q];
-        float* sm = &sums[t * Q];
-        float* acc = &parts[t * Q * C];
-        std::fill(mx, mx + Q, -INFINITY);
-        std::fill(sm, sm + Q, 0.0f);
-        std::fill(acc, acc + Q * C, 0.0f);
-        if (s1 <= s0) continue;
-        const auto* rows = lp + b * latent.stride(0);
-        const int64_t n = s1 - s0;
-        // scores[m, j] for key s0 + j: each latent row read once for all Q query rows
-        dot_rows_blocked(Q, rows + s0 * Wd, qp + b * Q * Wd, Wd, 0, n, scores.data(), n);
-        for (int64_t m = 0; m < Q; ++m) {
-          float* sc = &scores[m * n];
-          for (int64_t j = 0; j < n; ++j) {
-            sc[j] = (mp && !mp[b * mask_stride + s0 + j]) ? -INFINITY : sc[j] * static_cast<float>(scale);
-            mx[m] = std::max(mx[m], sc[j]);
-          }
-          if (mx[m] == -INFINITY) continue;
-          for (int64_t j = 0; j < n; ++j) {
-            sc[j] = std::exp(sc[j] - mx[m]);
-            sm[m] += sc[j];
-          }
-        }
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t m = 0; m < Q; ++m)
-            if (mx[m] != -INFINITY) axpy(scores[m * n + j], rows + (s0 + j) * Wd, acc + m * C, C);
-      }
-    });
-  });
-  float* op_ = out.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t m = 0; m < Q; ++m) {
-      float top = -INFINITY, total = 0.0f;
-      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, maxes[(b * chunks + c) * Q + m]);
-      float* y = op_ + (b * Q + m) * C;
-      std::fill(y, y + C, 0.0f);
-      if (top == -INFINITY) continue;  // nothing visible: zeros (the caller never asks for this)
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t t = b * chunks + c;
-        if (maxes[t * Q + m] == -INFINITY) continue;
-        const float w = std::exp(maxes[t * Q + m] - top);
-        total += w * sums[t * Q + m];
-        axpy(w, &parts[(t * Q + m) * C], y, C);
-      }
-      for (int64_t c = 0; c < C; ++c) y[c] /= total;
-    }
-  return out.to(q_in.scalar_type());
 }
 
-// Per-head projections of a few tokens, the W_UK / W_UV products of absorbed MLA (DeepSeek-V2 section 2.1.3).
-// x (M, H, K), w (H, R, K') with any head stride (a view of wkv_b), rows contiguous ->
-//   transpose false: y[m, h] = w[h] @ x[m, h]     (K' == K)  -> (M, H, R)
-//   transpose true:  y[m, h] = x[m, h] @ w[h]     (R == K)   -> (M, H, K')
-at::Tensor head_project(const at::Tensor& x_in, const at::Tensor& w, bool transpose) {
-  const char* op = "dsmoe_cpu.head_project";
-  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
-  TORCH_CHECK(x_in.dim() == 3 && w.dim() == 3 && x_in.size(1) == w.size(0), op, ": x ", x_in.sizes(), " and w ",
-              w.sizes(), " must be (M, H, K) and (H, R, K')");
-  TORCH_CHECK(w.stride(2) == 1 && w.stride(1) == w.size(2), op, ": weight rows must be contiguous, strides ", w.strides());
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, op,
-              ": weights must be float32 or bfloat16, got ", w.scalar_type());
-  const int64_t M = x_in.size(0), H = w.size(0), R = w.size(1), Kw = w.size(2);
-  TORCH_CHECK(x_in.size(2) == (transpose ? R : Kw), op, ": x width ", x_in.size(2), " does not fit w ", w.sizes());
-  const int64_t K = x_in.size(2), N = transpose ? Kw : R;
-  at::Tensor x = x_in.to(at::kFloat).transpose(0, 1).contiguous();  // (H, M, K): each head's tokens together
-  at::Tensor out = at::zeros({H, M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = out.data_ptr<float>();
-  with_weight(w, [&](auto* wp) {
+at::Tensor visible_keys(const char* op, const c10::optional<at::Tensor>& mask, int64_t B, int64_t S) {
+  if (!mask.has_value()) return at::Tensor();
+  at::Tensor m = mask->to(at::kBool).contiguous();
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) >= S, op, ": mask ", m.sizes(), " must be (B=", B,
+              ", S>=", S, ")");
+  return m;
+}
+
+// Absorbed MLA attention (DeepSeek-V2 section 2.1.3) for query rows already in latent space:
+// q (B, Q, W), latent (B, S, W) (rows contiguous; a slice of a larger cache is fine), mask (B, S) bool or none
+// (True = may attend) -> (B, Q, C) in q's dtype, C = value_dim <= W.
+at::Tensor latent_attention(const at::Tensor& q, const at::Tensor& latent, int64_t value_dim, double scale,
+                            const c10::optional<at::Tensor>& mask_in) {
+  const char* op = "dsmoe_cpu.latent_attention";
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3, op, ": q must be a CPU (B, Q, W) tensor, got ", q.sizes());
+  const int64_t B = q.size(0), Q = q.size(1), Wd = q.size(2), C = value_dim;
+  check_latent(op, latent, B, Wd);
+  const int64_t S = latent.size(1);
+  TORCH_CHECK(C > 0 && C <= Wd, op, ": value_dim ", C, " must be in 1..", Wd);
+  at::Tensor mask = visible_keys(op, mask_in, B, S);
+  std::vector<float> buf;
+  const float* qp = rows_fp32(q.reshape({B * Q, Wd}), buf);
+  Fp32Output out({B, Q, C}, q.scalar_type(), false);
+  with_weight(latent, [&](auto* lp) {
+    for (int64_t b = 0; b < B; ++b)
+      attend_latent(qp + b * Q * Wd, Q, lp + b * latent.stride(0), S, Wd, C, static_cast<float>(scale),
+                    mask.defined() ? mask.data_ptr<bool>() + b * mask.size(1) : nullptr, out.data + b * Q * C);
+  });
+  return out.finish();
+}
+
+// One decode step of absorbed MLA from the per-head query to the per-head output, in one call:
+// q_nope (B, H, N) and q_pe (B, H, R) (any strides), latent (B, S, C + R), wkv_b (H * (N + V), C) = per head
+// [W_UK (N, C); W_UV (V, C)], mask (B, S)? ->
+//   q_lat = q_nope W_UK, o = softmax(scale [q_lat | q_pe] latent^T) latent[:, :C], y = o W_UV^T  -> (B, H * V)
+at::Tensor mla_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& latent,
+                      const at::Tensor& wkv_b, int64_t v_dim, double scale, const c10::optional<at::Tensor>& mask_in) {
+  const char* op = "dsmoe_cpu.mla_decode";
+  TORCH_CHECK(q_nope.device().is_cpu() && q_nope.dim() == 3 && q_pe.dim() == 3 &&
+                  q_pe.size(0) == q_nope.size(0) && q_pe.size(1) == q_nope.size(1),
+              op, ": q_nope ", q_nope.sizes(), " and q_pe ", q_pe.sizes(), " must be (B, H, N) and (B, H, R)");
+  const int64_t B = q_nope.size(0), H = q_nope.size(1), N = q_nope.size(2), R = q_pe.size(2), V = v_dim;
+  TORCH_CHECK(wkv_b.dim() == 2 && wkv_b.is_contiguous() && wkv_b.size(0) == H * (N + V) &&
+                  (wkv_b.scalar_type() == at::kFloat || wkv_b.scalar_type() == at::kBFloat16),
+              op, ": wkv_b ", wkv_b.sizes(), " must be a contiguous fp32/bf16 (H * (N + V) = ", H * (N + V), ", C)");
+  const int64_t C = wkv_b.size(1), Wd = C + R;
+  check_latent(op, latent, B, Wd);
+  const int64_t S = latent.size(1);
+  at::Tensor mask = visible_keys(op, mask_in, B, S);
+  std::vector<float> nbuf, pbuf;
+  const float* qn = rows_fp32(q_nope.reshape({B * H, N}), nbuf);
+  const float* qr = rows_fp32(q_pe.reshape({B * H, R}), pbuf);
+  std::vector<float> q(B * H * Wd, 0.0f), o(B * H * C);
+  Fp32Output out({B, H * V}, q_nope.scalar_type(), false);
+  with_weight(wkv_b, [&](auto* wp) {
+    // q_lat[b, h] = sum_n q_nope[b, h, n] W_UK[h, n, :]: rows of W_UK read in place, per head in parallel
     at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-      for (int64_t h = h0; h < h1; ++h) {
-        const auto* wh = wp + h * w.stride(0);
-        if (!transpose) {
-          dot_rows_blocked(M, wh, xp + h * M * K, K, 0, R, yp + h * M * N, N);
-        } else {
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t r = 0; r < R; ++r) axpy(xp[(h * M + m) * K + r], wh + r * Kw, yp + (h * M + m) * N, N);
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t b = 0; b < B; ++b) {
+          float* qh = &q[(b * H + h) * Wd];
+          for (int64_t n = 0; n < N; ++n) axpy(qn[(b * H + h) * N + n], wp + (h * (N + V) + n) * C, qh, C);
+          std::memcpy(qh + C, qr + (b * H + h) * R, R * sizeof(float));
         }
-      }
+    });
+    with_weight(latent, [&](auto* lp) {
+      for (int64_t b = 0; b < B; ++b)
+        attend_latent(&q[b * H * Wd], H, lp + b * latent.stride(0), S, Wd, C, static_cast<float>(scale),
+                      mask.defined() ? mask.data_ptr<bool>() + b * mask.size(1) : nullptr, &o[b * H * C]);
+    });
+    // y[b, h, :] = W_UV[h] o[b, h]: one dot product per W_UV row
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t b = 0; b < B; ++b)
+          dot_rows(1, wp + (h * (N + V) + N) * C, &o[(b * H + h) * C], C, 0, V, out.data + (b * H + h) * V, 1);
     });
   });
-  return out.transpose(0, 1).contiguous().to(x_in.scalar_type());
+  return out.finish();
 }
 
 }  // namespace
@@ -415,7 +508,8 @@ TORCH_LIBRARY(dsmoe_cpu, m) {
   m.def("swiglu(Tensor x, Tensor w1, Tensor w3) -> Tensor");
   m.def("moe_experts(Tensor x, Tensor indices, Tensor gate, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
   m.def("latent_attention(Tensor q, Tensor latent, int value_dim, float scale, Tensor? mask) -> Tensor");
-  m.def("head_project(Tensor x, Tensor w, bool transpose) -> Tensor");
+  m.def("mla_decode(Tensor q_nope, Tensor q_pe, Tensor latent, Tensor wkv_b, int v_dim, float scale, Tensor? mask)"
+        " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsmoe_cpu, CPU, m) {
@@ -423,5 +517,5 @@ TORCH_LIBRARY_IMPL(dsmoe_cpu, CPU, m) {
   m.impl("swiglu", &swiglu);
   m.impl("moe_experts", &moe_experts);
   m.impl("latent_attention", &latent_attention);
-  m.impl("head_project", &head_project);
+  m.impl("mla_decode", &mla_decode);
 }

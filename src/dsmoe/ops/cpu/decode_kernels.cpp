@@ -365,49 +365,85 @@ inline float exp_shifted(float* sc, int64_t n, float top) {
   return total;
 }
 
+// out[0:C] += sum_j p[j] * rows[j, 0:C] over n rows of stride Wd: the probability-weighted sum of values, with
+// the output block held in registers across the rows (64 floats at a time, then 8, then a scalar tail).
+template <typename L>
+void weighted_rows_sum(const float* p, int64_t n, const L* rows, int64_t Wd, int64_t C, float* out) {
+  int64_t c = 0;
+#ifdef DSMOE_AVX2
+  for (; c + 64 <= C; c += 64) {
+    __m256 acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_loadu_ps(out + c + 8 * r);
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      const L* row = rows + j * Wd + c;
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(pj, load8(row + 8 * r), acc[r]);
+    }
+    for (int r = 0; r < 8; ++r) _mm256_storeu_ps(out + c + 8 * r, acc[r]);
+  }
+  for (; c + 8 <= C; c += 8) {
+    __m256 acc = _mm256_loadu_ps(out + c);
+    for (int64_t j = 0; j < n; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(rows + j * Wd + c), acc);
+    _mm256_storeu_ps(out + c, acc);
+  }
+#endif
+  for (; c < C; ++c)
+    for (int64_t j = 0; j < n; ++j) out[c] += p[j] * load1(rows + j * Wd + c);
+}
+
 // Attention of Q fp32 query rows (Q, W) of one sequence over its latent rows (S, W): the softmax-weighted sum of
 // the rows' first C values -> y (Q, C). Keys split into `chunks` pieces across threads, each with its own max,
-// sum and output, merged at the end (flash decoding's split softmax).
+// sum and output, merged at the end (flash decoding's split softmax). Within a piece, keys go in blocks small
+// enough to stay in the core's cache while every query row reads them.
 template <typename L>
 void attend_latent(const float* q, int64_t Q, const L* rows, int64_t S, int64_t Wd, int64_t C, float scale,
                    const bool* visible, float* y) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((S + 63) / 64, at::get_num_threads()));
+  constexpr int64_t kBlock = 64;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((S + 127) / 128, at::get_num_threads()));
   const int64_t chunk = (S + chunks - 1) / chunks;
-  std::vector<float> maxes(chunks * Q, -INFINITY), sums(chunks * Q, 0.0f), parts(chunks * Q * C, 0.0f);
+  // per chunk: Q maxima, Q sums, Q x C partial outputs; each chunk's slice padded to its own cache lines
+  const int64_t stride = ((Q * (C + 2) + 15) / 16) * 16;
+  std::vector<float> state(chunks * stride, 0.0f);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> scores(Q * chunk);
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t s0 = c * chunk, s1 = std::min(S, s0 + chunk), n = s1 - s0;
+      float* mx = &state[c * stride];
+      float* sm = mx + Q;
+      float* acc = sm + Q;
+      std::fill(mx, mx + Q, -INFINITY);
+      const int64_t s0 = c * chunk, n = std::min(S, s0 + chunk) - s0;
       if (n <= 0) continue;
-      float* mx = &maxes[c * Q];
-      float* sm = &sums[c * Q];
-      float* acc = &parts[c * Q * C];
       // scores[m, j] for key s0 + j: each latent row read once for all Q query rows
       dot_rows_blocked(Q, rows + s0 * Wd, q, Wd, 0, n, scores.data(), n);
       for (int64_t m = 0; m < Q; ++m) {
         float* sc = &scores[m * n];
+        float top = -INFINITY;
         for (int64_t j = 0; j < n; ++j) {
           sc[j] = (visible && !visible[s0 + j]) ? -INFINITY : sc[j] * scale;
-          mx[m] = std::max(mx[m], sc[j]);
+          top = std::max(top, sc[j]);
         }
-        if (mx[m] != -INFINITY) sm[m] = exp_shifted(sc, n, mx[m]);
+        mx[m] = top;
+        if (top != -INFINITY) sm[m] = exp_shifted(sc, n, top);
       }
-      for (int64_t j = 0; j < n; ++j)
+      for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+        const int64_t nb = std::min(kBlock, n - b0);
         for (int64_t m = 0; m < Q; ++m)
-          if (mx[m] != -INFINITY) axpy(scores[m * n + j], rows + (s0 + j) * Wd, acc + m * C, C);
+          if (mx[m] != -INFINITY) weighted_rows_sum(&scores[m * n + b0], nb, rows + (s0 + b0) * Wd, Wd, C, acc + m * C);
+      }
     }
   });
   for (int64_t m = 0; m < Q; ++m) {
     float top = -INFINITY, total = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) top = std::max(top, maxes[c * Q + m]);
+    for (int64_t c = 0; c < chunks; ++c) top = std::max(top, state[c * stride + m]);
     float* ym = y + m * C;
     std::fill(ym, ym + C, 0.0f);
     if (top == -INFINITY) continue;  // no visible key: zeros (callers never ask for this)
     for (int64_t c = 0; c < chunks; ++c) {
-      if (maxes[c * Q + m] == -INFINITY) continue;
-      const float w = std::exp(maxes[c * Q + m] - top);
-      total += w * sums[c * Q + m];
-      axpy(w, &parts[(c * Q + m) * C], ym, C);
+      const float* mx = &state[c * stride];
+      if (mx[m] == -INFINITY) continue;
+      const float w = std::exp(mx[m] - top);
+      total += w * mx[Q + m];
+      axpy(w, mx + 2 * Q + m * C, ym, C);
     }
     for (int64_t i = 0; i < C; ++i) ym[i] /= total;
   }
@@ -477,12 +513,12 @@ at::Tensor mla_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, const at
   std::vector<float> q(B * H * Wd, 0.0f), o(B * H * C);
   Fp32Output out({B, H * V}, q_nope.scalar_type(), false);
   with_weight(wkv_b, [&](auto* wp) {
-    // q_lat[b, h] = sum_n q_nope[b, h, n] W_UK[h, n, :]: rows of W_UK read in place, per head in parallel
+    // q_lat[b, h] = sum_n q_nope[b, h, n] W_UK[h, n, :]: the rows of W_UK read in place, heads in parallel
     at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
       for (int64_t h = h0; h < h1; ++h)
         for (int64_t b = 0; b < B; ++b) {
           float* qh = &q[(b * H + h) * Wd];
-          for (int64_t n = 0; n < N; ++n) axpy(qn[(b * H + h) * N + n], wp + (h * (N + V) + n) * C, qh, C);
+          weighted_rows_sum(qn + (b * H + h) * N, N, wp + h * (N + V) * C, C, C, qh);
           std::memcpy(qh + C, qr + (b * H + h) * R, R * sizeof(float));
         }
     });

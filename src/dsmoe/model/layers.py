@@ -13,16 +13,20 @@ from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
 from ..ops.cpu_kernels import small_batch_kernels
+from ..ops.weight_only import linear_in_fp32, widen_for_cpu
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and checkpoint names) whose small-batch CPU inference calls, at most 8
     tokens with autograd off (a decode step), run dsmoe's matrix-vector kernel (ops/cpu_kernels.py: the
-    weight read once, fp32 arithmetic, fp32 or bf16 weights); every other call is nn.Linear's own."""
+    weight read once, fp32 arithmetic, fp32 or bf16 weights); larger no-grad calls with bf16 weights on a CPU
+    without bf16 arithmetic run in fp32 (ops/weight_only.py); every other call is nn.Linear's own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = small_batch_kernels(x, self.weight)
         if ops is None:
+            if widen_for_cpu(x, self.weight):  # a bf16 prefill on a CPU without bf16 arithmetic
+                return linear_in_fp32(x, self.weight, self.bias)
             return super().forward(x)
         y = ops.linear(x.reshape(-1, x.shape[-1]), self.weight)
         if self.bias is not None:

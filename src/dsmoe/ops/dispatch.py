@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_kernels import small_batch_kernels
+from .weight_only import widen_for_cpu
 
 
 def _hidden(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -91,8 +92,8 @@ def _prefer_grouped(xs: torch.Tensor, w1: torch.Tensor, autograd: bool) -> bool:
     (bench model, 4 x 512, A/B in one process); fp32 is as fast either way, and the grouped call's whole-batch
     intermediates raised the forward's peak RSS from 64 to 100 MiB. With fewer rows (a batch-8 decode step) the
     grouped call is 1.03-1.07x faster in bf16, and in training 1.03-1.07x in bf16 (fp32 within 1-4% either way)."""
-    if not grouped_mm_usable(xs, w1):
-        return False
+    if not grouped_mm_usable(xs, w1) or (not autograd and widen_for_cpu(xs, w1)):
+        return False  # (the loop widens bf16 experts to fp32 one at a time on CPUs without bf16 arithmetic)
     cpu_prefill = xs.device.type == "cpu" and not autograd and xs.shape[0] >= 16 * w1.shape[0]
     return not cpu_prefill
 
@@ -158,6 +159,11 @@ def _looped_experts(xs: torch.Tensor, gates: torch.Tensor, counts: list[int], w1
     # fp32 (MKL); other dtypes go through oneDNN, whose out= into a view makes a new primitive for most
     # calls once the per-expert row counts vary (2.7x slower bf16 training steps when tried there).
     ys = xs.new_empty(xs.shape[0], D, dtype=_compute_dtype(xs))  # F.linear's output dtype
+    if widen_for_cpu(xs, w1):  # bf16 weights, no bf16 arithmetic on this CPU: each expert in fp32
+        for (e, xe, ge), ye in zip(chunks, ys.split(sizes)):
+            h = _hidden(xe.float(), w1[e].float(), w3[e].float()) * ge.float()
+            ye.copy_(torch.mm(h, w2[e].float().t()))
+        return ys
     for (e, xe, ge), ye in zip(chunks, ys.split(sizes)):
         h = _hidden(xe, w1[e], w3[e]) * ge
         if ys.dtype == torch.float32:

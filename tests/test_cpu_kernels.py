@@ -154,3 +154,52 @@ def test_bf16_model_decode_close_to_pytorch_twin():
     # both round activations to bf16 between operations, in different places: compare distributions
     kl = F.kl_div(fast.log_softmax(-1), slow.log_softmax(-1), log_target=True, reduction="batchmean")
     assert kl.item() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_rope_equal_the_modules(dtype):
+    from dsmoe.model.layers import RMSNorm, apply_rope
+
+    norm = RMSNorm(48, eps=1e-5).to(dtype)
+    norm.weight.data = _rand(48, seed=3).to(dtype)
+    x = _rand(3, 48, dtype=dtype, seed=4) * 3
+    with torch.no_grad():
+        got = norm(x)  # the kernel
+        with cpu_kernels(False):
+            ref = norm(x)
+    assert got.dtype == ref.dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+    q = _rand(2, 1, 3, 24, dtype=dtype, seed=5)[..., 8:]  # a strided view, as q_pe is
+    angles = _rand(2, 1, 8, seed=6)
+    for cos, sin in ((angles.cos()[0], angles.sin()[0]), (angles.cos(), angles.sin())):  # (T, R/2), (B, T, R/2)
+        for interleaved in (True, False):
+            with torch.no_grad():
+                got = apply_rope(q, cos.to(dtype), sin.to(dtype), interleaved)
+                with cpu_kernels(False):
+                    ref = apply_rope(q, cos.to(dtype), sin.to(dtype), interleaved)
+            torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize("preset", ["tiny-v1", "tiny-v2", "tiny-v3", "tiny-mixtral"])
+def test_route_equals_router(preset):
+    """Every scoring / selection rule of the family (softmax greedy, V2 group-limited, V3 noaux_tc with bias
+    and groups, Mixtral) picks the same experts with the same gate weights as the PyTorch Router."""
+    from dsmoe.model.moe import Router
+
+    config = get_preset(preset)
+    torch.manual_seed(0)
+    router = Router(config).eval()
+    router.weight.data.normal_(0, 0.5)
+    if router.bias is not None:
+        router.bias.data = torch.rand(router.bias.shape) * 0.1
+    x = _rand(MAX_TOKENS, config.hidden_size, seed=7)
+    with torch.no_grad():
+        fast = router(x)
+        with cpu_kernels(False):
+            slow = router(x)
+    assert fast.scores is None and slow.scores is not None  # (no-grad inference keeps no scores anyway)
+    order_f, order_s = fast.indices.sort(-1), slow.indices.sort(-1)
+    assert torch.equal(order_f.values, order_s.values)
+    torch.testing.assert_close(fast.weights.gather(1, order_f.indices), slow.weights.gather(1, order_s.indices),
+                               atol=1e-6, rtol=1e-5)

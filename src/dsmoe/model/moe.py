@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.capacity import TokenDropping
+from ..ops.cpu_kernels import small_batch_kernels
 from ..ops.dispatch import DISPATCH
 from .layers import MLP
 
@@ -58,6 +59,13 @@ class Router(nn.Module):
         self.bias = nn.Buffer(torch.zeros(self.n_experts, dtype=torch.float32)) if self.method == "noaux_tc" else None
 
     def forward(self, x: torch.Tensor) -> Routing:
+        ops = None if self.training else small_batch_kernels(x, self.weight)
+        if ops is not None:  # a decode step: the whole gate in one kernel call (no scores kept: inference)
+            group_mode = 0 if not self.group_limited else (2 if self.method == "noaux_tc" else 1)
+            weights, indices = ops.route(x, self.weight, self.bias, self.scoring != "softmax", self.top_k,
+                                         self.n_group, self.topk_group, group_mode, self.normalise,
+                                         self.scale_after_normalising or not self.normalise, float(self.scaling))
+            return Routing(weights, indices, None, None)
         # Autocast (bf16 training) would run this linear in bf16: routing decisions and the balance losses
         # want fp32 scores (V3 section 3.3.1 keeps the gating in full precision).
         with torch.autocast(x.device.type, enabled=False):

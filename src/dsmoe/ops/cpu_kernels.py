@@ -1,7 +1,7 @@
 """The small-batch CPU decode kernels (ops/cpu/decode_kernels.cpp), compiled on first use.
 
 `kernels()` returns torch.ops.dsmoe_cpu (linear, swiglu, moe_experts, latent_attention,
-mla_decode) or None where they cannot be built
+mla_decode, rms_norm, rope, route) or None where they cannot be built
 (no C++ compiler or ninja, a build error, or DSMOE_CPU_KERNELS=0): callers then keep PyTorch's own
 operators, which compute the same thing (tests/test_cpu_kernels.py holds each kernel against them).
 The build goes through torch.utils.cpp_extension with -O3 -march=native into torch's extension cache
@@ -127,6 +127,20 @@ def _register_fakes() -> None:
     @torch.library.register_fake("dsmoe_cpu::latent_attention")
     def _latent_attention(q, latent, value_dim, scale, mask):
         return q.new_empty(q.shape[0], q.shape[1], value_dim)
+
+    @torch.library.register_fake("dsmoe_cpu::rms_norm")
+    def _rms_norm(x, weight, eps):
+        both_half = x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+        return x.new_empty(x.shape, dtype=torch.bfloat16 if both_half else torch.float32)
+
+    @torch.library.register_fake("dsmoe_cpu::rope")
+    def _rope(x, cos, sin, interleaved):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("dsmoe_cpu::route")
+    def _route(x, weight, bias, sigmoid, top_k, n_group, topk_group, group_mode, normalise, scale, scaling):
+        return (x.new_empty(x.shape[0], top_k, dtype=torch.float32),
+                x.new_empty(x.shape[0], top_k, dtype=torch.long))
 
     @torch.library.register_fake("dsmoe_cpu::mla_decode")
     def _mla_decode(q_nope, q_pe, latent, wkv_b, v_dim, scale, mask):

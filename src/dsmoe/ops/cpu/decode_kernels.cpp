@@ -13,6 +13,9 @@
 //   swiglu(x (M, K), w1 (N, K), w3 (N, K)) -> (M, N)             silu(x @ w1.T) * (x @ w3.T)
 //   moe_experts(x (M, D), idx (M, k) long, gate (M, k) fp32,
 //               w1 (E, I, D), w2 (E, D, I), w3 (E, I, D)) -> (M, D)   sum_j gate[m,j] * expert_idx[m,j](x[m])
+//   rms_norm(x (M, D), w (D,), eps) -> (M, D)                    RMSNorm as dsmoe's (fp32 inside)
+//   rope(x (B, T, H, R), cos, sin (T or B x T, R/2), interleaved) -> (B, T, H, R)
+//   route(x (M, D), w (E, D), bias?, ...) -> (gate weights (M, k), indices (M, k))   the MoE router
 //   latent_attention(q (B, Q, W), latent (B, S, W), value_dim C, scale, mask (B, S)?) -> (B, Q, C)
 //   mla_decode(q_nope (B, H, N), q_pe (B, H, R), latent (B, S, C + R), wkv_b (H * (N + V), C), V, scale,
 //              mask (B, S)?) -> (B, H * V)                  absorbed MLA decode attention, W_UK / W_UV included
@@ -537,6 +540,153 @@ at::Tensor mla_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, const at
   return out.finish();
 }
 
+// RMSNorm of a few rows as dsmoe.model.layers.RMSNorm computes it: normalised in fp32, rounded to x's dtype,
+// times the weight (in x's dtype: rounded again for bf16). x (M, D) any row stride, w (D,) -> (M, D).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const char* op = "dsmoe_cpu.rms_norm";
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(),
+              op, ": x ", x.sizes(), " and weight ", w.sizes(), " must be (M, D) and (D,)");
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              op, ": float32 or bfloat16 only, got ", x.scalar_type(), " and ", w.scalar_type());
+  const int64_t M = x.size(0), D = x.size(1);
+  // the weight times x.to(dtype): bf16 only when both are (PyTorch's type promotion)
+  const bool half = x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16;
+  std::vector<float> buf;
+  const float* xp = rows_fp32(x, buf);
+  Fp32Output out({M, D}, half ? at::kBFloat16 : at::kFloat, false);
+  with_weight(w, [&](auto* wp) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* r = xp + m * D;
+      double ss = 0.0;
+      for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(r[i]) * r[i];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D) + static_cast<float>(eps));
+      float* y = out.data + m * D;
+      for (int64_t i = 0; i < D; ++i) {
+        float v = r[i] * inv;
+        if (x.scalar_type() == at::kBFloat16) v = static_cast<float>(at::BFloat16(v));
+        y[i] = load1(wp + i) * v;
+      }
+    }
+  });
+  return out.finish();
+}
+
+// Rotary embedding of a few tokens as dsmoe.model.layers.apply_rope computes it: x (B, T, H, R) any strides,
+// cos / sin (T, R/2) or (B, T, R/2) -> a new contiguous (B, T, H, R) in x's dtype, fp32 arithmetic.
+// interleaved: pairs (2i, 2i+1), written as [rotated evens | rotated odds]; else rotate-half pairs (i, i + R/2).
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in, bool interleaved) {
+  const char* op = "dsmoe_cpu.rope";
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.size(3) % 2 == 0, op, ": x must be (B, T, H, R), got ", x.sizes());
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = x.size(3), half = R / 2;
+  at::Tensor cs = cos_in.to(at::kFloat).contiguous(), sn = sin_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(cs.sizes() == sn.sizes() && cs.size(-1) == half && cs.size(-2) == T && (cs.dim() == 2 ||
+                  (cs.dim() == 3 && cs.size(0) == B)), op, ": cos/sin ", cs.sizes(), " must be (T, R/2) or (B, T, R/2)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op, ": float32 or bfloat16 only");
+  const bool per_batch = cs.dim() == 3;
+  Fp32Output out({B, T, H, R}, x.scalar_type(), false);
+  const float* cp = cs.data_ptr<float>();
+  const float* sp = sn.data_ptr<float>();
+  auto at_x = [&](int64_t b, int64_t t, int64_t h, int64_t r) {
+    const int64_t off = b * x.stride(0) + t * x.stride(1) + h * x.stride(2) + r * x.stride(3);
+    return x.scalar_type() == at::kFloat ? x.data_ptr<float>()[off] : static_cast<float>(x.data_ptr<at::BFloat16>()[off]);
+  };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* c = cp + ((per_batch ? b * T : 0) + t) * half;
+      const float* sv = sp + ((per_batch ? b * T : 0) + t) * half;
+      for (int64_t h = 0; h < H; ++h) {
+        float* y = out.data + ((b * T + t) * H + h) * R;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = interleaved ? at_x(b, t, h, 2 * i) : at_x(b, t, h, i);
+          const float x2 = interleaved ? at_x(b, t, h, 2 * i + 1) : at_x(b, t, h, i + half);
+          y[i] = x1 * c[i] - x2 * sv[i];
+          y[i + half] = x2 * c[i] + x1 * sv[i];
+        }
+      }
+    }
+  return out.finish();
+}
+
+// The MoE router of dsmoe.model.moe.Router for a few tokens, in fp32: logits = x W^T, scores = softmax or
+// sigmoid, a selection score (scores + bias for noaux_tc), group limiting (group_mode 1: a group scored by its
+// best expert, the others filled with 0 as DeepSeek-V2's gate does; 2: by the sum of its top-2, filled with
+// -inf as V3's), the top_k picks, their unbiased scores, normalised and scaled as the Router says.
+// x (M, D), weight (E, D), bias (E,) fp32 or none -> (gate weights (M, top_k) fp32, indices (M, top_k) int64).
+std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias_in,
+                                         bool sigmoid, int64_t top_k, int64_t n_group, int64_t topk_group,
+                                         int64_t group_mode, bool normalise, bool scale, double scaling) {
+  check_operands("dsmoe_cpu.route", x, w, 2);
+  const int64_t M = x.size(0), D = x.size(1), E = w.size(0);
+  TORCH_CHECK(w.size(1) == D && top_k >= 1 && top_k <= E && n_group >= 1 && E % n_group == 0 &&
+                  topk_group >= 1 && topk_group <= n_group,
+              "dsmoe_cpu.route: bad shapes or settings: x ", x.sizes(), ", weight ", w.sizes(), ", top_k ", top_k,
+              ", n_group ", n_group, ", topk_group ", topk_group);
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == E, "dsmoe_cpu.route: bias has ", bias.numel(), " entries for ", E, " experts");
+  }
+  std::vector<float> buf;
+  const float* xp = rows_fp32(x, buf);
+  std::vector<float> logits(M * E);
+  with_weight(w, [&](auto* wp) { dot_rows(M, wp, xp, D, 0, E, logits.data(), E); });
+  at::Tensor weights = at::empty({M, top_k}, at::kFloat);
+  at::Tensor indices = at::empty({M, top_k}, at::kLong);
+  const int64_t per_group = E / n_group;
+  std::vector<float> scores(E), choice(E), group_score(n_group);
+  std::vector<int64_t> order(std::max(E, n_group));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* lg = &logits[m * E];
+    if (sigmoid) {
+      for (int64_t e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + std::exp(-lg[e]));
+    } else {
+      const float top = *std::max_element(lg, lg + E);
+      float total = 0.0f;
+      for (int64_t e = 0; e < E; ++e) total += (scores[e] = std::exp(lg[e] - top));
+      for (int64_t e = 0; e < E; ++e) scores[e] /= total;
+    }
+    for (int64_t e = 0; e < E; ++e) choice[e] = scores[e] + (bias.defined() ? bias.data_ptr<float>()[e] : 0.0f);
+    if (group_mode != 0 && n_group > 1) {
+      for (int64_t g = 0; g < n_group; ++g) {
+        float* grp = &choice[g * per_group];
+        if (group_mode == 1) {
+          group_score[g] = *std::max_element(grp, grp + per_group);
+        } else {
+          float a = -INFINITY, b = -INFINITY;  // the two largest
+          for (int64_t i = 0; i < per_group; ++i) {
+            if (grp[i] > a) { b = a; a = grp[i]; } else if (grp[i] > b) { b = grp[i]; }
+          }
+          group_score[g] = per_group > 1 ? a + b : a;
+        }
+      }
+      for (int64_t g = 0; g < n_group; ++g) order[g] = g;
+      std::partial_sort(order.begin(), order.begin() + topk_group, order.begin() + n_group,
+                        [&](int64_t a, int64_t b) { return group_score[a] > group_score[b] || (group_score[a] == group_score[b] && a < b); });
+      std::vector<bool> kept(n_group, false);
+      for (int64_t i = 0; i < topk_group; ++i) kept[order[i]] = true;
+      const float fill = group_mode == 1 ? 0.0f : -INFINITY;
+      for (int64_t g = 0; g < n_group; ++g)
+        if (!kept[g]) std::fill(&choice[g * per_group], &choice[(g + 1) * per_group], fill);
+    }
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + top_k, order.begin() + E,
+                      [&](int64_t a, int64_t b) { return choice[a] > choice[b] || (choice[a] == choice[b] && a < b); });
+    float* wt = weights.data_ptr<float>() + m * top_k;
+    int64_t* ix = indices.data_ptr<int64_t>() + m * top_k;
+    float total = 0.0f;
+    for (int64_t k = 0; k < top_k; ++k) {
+      ix[k] = order[k];
+      total += (wt[k] = scores[order[k]]);
+    }
+    for (int64_t k = 0; k < top_k; ++k) {
+      if (normalise) wt[k] /= (total + 1e-20f);
+      if (scale) wt[k] *= static_cast<float>(scaling);
+    }
+  }
+  return {weights, indices};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsmoe_cpu, m) {
@@ -544,6 +694,10 @@ TORCH_LIBRARY(dsmoe_cpu, m) {
   m.def("swiglu(Tensor x, Tensor w1, Tensor w3) -> Tensor");
   m.def("moe_experts(Tensor x, Tensor indices, Tensor gate, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
   m.def("latent_attention(Tensor q, Tensor latent, int value_dim, float scale, Tensor? mask) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor");
+  m.def("route(Tensor x, Tensor weight, Tensor? bias, bool sigmoid, int top_k, int n_group, int topk_group, "
+        "int group_mode, bool normalise, bool scale, float scaling) -> (Tensor, Tensor)");
   m.def("mla_decode(Tensor q_nope, Tensor q_pe, Tensor latent, Tensor wkv_b, int v_dim, float scale, Tensor? mask)"
         " -> Tensor");
 }
@@ -554,4 +708,7 @@ TORCH_LIBRARY_IMPL(dsmoe_cpu, CPU, m) {
   m.impl("moe_experts", &moe_experts);
   m.impl("latent_attention", &latent_attention);
   m.impl("mla_decode", &mla_decode);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
+  m.impl("route", &route);
 }

@@ -208,6 +208,11 @@ def _plain(model: Transformer, ids: torch.Tensor, pad: torch.Tensor | None, max_
     elif compiled:
         from .decode_graph import CompiledDecodeStep
         fixed_step = CompiledDecodeStep(model, cache, pad)
+    elif sync is None and ids.device.type == "cpu":
+        from .kernel_step import KernelDecodeStep
+
+        if KernelDecodeStep.supports(model, cache, B):  # the eager step's fast twin (see kernel_step.py)
+            fixed_step = KernelDecodeStep(model, cache, pad)
     # Prefill in one forward (or chunks); only the last position's logits are needed (the head is ~20% of a
     # prefill). stream() validated the prompt; sampled tokens are in the vocabulary: no per-step id checks below.
     if prefill_chunk is None or model.config.model_type == "deepseek_v4":

@@ -1,0 +1,76 @@
+"""KernelDecodeStep (dsmoe.kernel_step): decode steps through the CPU kernels against the eager step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsmoe
+from dsmoe.kernel_step import KernelDecodeStep
+from dsmoe.ops.cpu_kernels import cpu_kernels, kernels
+from dsmoe.presets import get_preset
+
+pytestmark = pytest.mark.skipif(kernels() is None, reason="CPU kernels unavailable")
+
+
+def _model(preset: str, dtype=torch.float32, **overrides) -> dsmoe.Transformer:
+    torch.manual_seed(0)
+    config = get_preset(preset).replace(initializer_range=0.08, num_hidden_layers=2, **overrides)
+    return dsmoe.Transformer(config).to(dtype).eval()
+
+
+def _steps(model, prompts, steps, fast):
+    """Per-step logits (B, steps, V) of greedy decoding after left-padded prompts, by either step."""
+    from dsmoe.generate import _batch_prompts
+
+    ids, pad = _batch_prompts(prompts)
+    B, T = ids.shape
+    cache = model.make_cache(B, T + steps)
+    seen = []
+    with torch.no_grad(), cpu_kernels(fast):
+        logits = model(ids, cache=cache, pad=pad)[:, -1]
+        step = KernelDecodeStep(model, cache, pad) if fast else None
+        for s in range(steps):
+            seen.append(logits.float())
+            token = logits.argmax(-1)
+            logits = (step(token, T + s) if fast else
+                      model(token[:, None], cache=cache, start=T + s, pad=pad, check=False)[:, -1])
+    return torch.stack(seen, dim=1)
+
+
+@pytest.mark.parametrize("preset", ["tiny-v1", "tiny-v2", "tiny-v3", "tiny-mixtral"])
+def test_kernel_step_equals_eager_step(preset):
+    model = _model(preset, **({"sliding_window": None} if preset == "tiny-mixtral" else {}))
+    gen = torch.Generator().manual_seed(1)
+    for lengths in ([7], [4, 9, 6]):  # batch 1; batch 3 with left padding
+        prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+        fast, slow = _steps(model, prompts, 6, True), _steps(model, prompts, 6, False)
+        torch.testing.assert_close(fast, slow, atol=5e-5, rtol=0)
+        assert torch.equal(fast.argmax(-1), slow.argmax(-1))
+
+
+def test_kernel_step_without_q_lora_and_in_bf16():
+    model = _model("tiny-v2", q_lora_rank=None)  # V2-Lite's plain query projection
+    prompts = [[1, 2, 3, 4, 5]]
+    torch.testing.assert_close(_steps(model, prompts, 4, True), _steps(model, prompts, 4, False), atol=5e-5, rtol=0)
+    model = _model("tiny-v3", torch.bfloat16)
+    fast, slow = _steps(model, prompts, 2, True), _steps(model, prompts, 2, False)
+    kl = torch.nn.functional.kl_div(fast.log_softmax(-1), slow.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl.item() < 1e-3
+
+
+def test_supports_and_generate_uses_it():
+    model = _model("tiny-v3")
+    assert KernelDecodeStep.supports(model, model.make_cache(8, 16), 8)
+    assert not KernelDecodeStep.supports(model, model.make_cache(9, 16), 9)  # more rows than the kernels take
+    with torch.no_grad(), cpu_kernels(False):
+        assert not KernelDecodeStep.supports(model, model.make_cache(1, 16), 1)
+    windowed = _model("tiny-mixtral", sliding_window=4)
+    assert not KernelDecodeStep.supports(windowed, windowed.make_cache(1, 16), 1)  # a rolling cache
+    with pytest.raises(ValueError, match="KernelDecodeStep covers"):
+        KernelDecodeStep(windowed, windowed.make_cache(1, 16))
+    # dsmoe.generate decodes through it by default on the CPU; the tokens are the eager step's
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    fast = dsmoe.generate(model, prompts, 6)
+    with cpu_kernels(False):
+        assert dsmoe.generate(model, prompts, 6) == fast

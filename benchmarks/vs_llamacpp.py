@@ -151,9 +151,11 @@ def llama_measure(bin_dir: Path, gguf: Path, dtype: str, measurement: str, args)
 
 def dsmoe_measure(checkpoint: Path, dtype: str, measurement: str, args) -> dict:
     job = {"checkpoint": str(checkpoint), "dtype": dtype, "measurement": measurement, "prefill": args.prefill,
-           "decode_tokens": args.decode_tokens, "threads": args.threads, "compiled": not args.eager}
-    text, peak = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
-                              llamacpp.child_env(args.threads))
+           "decode_tokens": args.decode_tokens, "threads": args.threads, "decode": args.decode}
+    env = llamacpp.child_env(args.threads)
+    if args.decode == "pytorch":
+        env["DSMOE_CPU_KERNELS"] = "0"
+    text, peak = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)], env)
     result = json.loads(text.strip().splitlines()[-1])
     # resetting VmHWM after the prefill also resets what wait4 reports: the run's peak is the larger of the two
     result["peak_rss_bytes"] = max(peak, result.pop("prefill_peak_rss_bytes", None) or 0)
@@ -183,7 +185,7 @@ def worker(job: dict) -> dict:
     depth = int(job["measurement"].split("@")[1])
     ids = torch.tensor([prompt_ids(depth, vocab, 3)])
     n = job["decode_tokens"]
-    compiled = job.get("compiled", False)
+    compiled = job.get("decode") == "compiled"
     if compiled:  # compile for these shapes first, untimed (llama-bench warms up too)
         for _ in stream(model, ids, n + 1, compiled=True, prefill_chunk=PREFILL_CHUNK):
             pass
@@ -279,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(GGUF_TYPES))
     p.add_argument("--check-tokens", type=int, default=512)
     p.add_argument("--skip-check", action="store_true")
-    p.add_argument("--eager", action="store_true",
-                   help="dsmoe decodes with eager steps (default: compiled steps, dsmoe.generate compiled=True)")
+    p.add_argument("--decode", choices=["kernels", "compiled", "pytorch"], default="kernels",
+                   help="dsmoe's decode step: kernels = dsmoe.generate's default on the CPU (KernelDecodeStep); "
+                        "compiled = generate(compiled=True); pytorch = DSMOE_CPU_KERNELS=0, the eager PyTorch step")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.worker:

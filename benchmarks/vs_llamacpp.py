@@ -153,6 +153,7 @@ def dsmoe_measure(checkpoint: Path, dtype: str, measurement: str, args) -> dict:
     job = {"checkpoint": str(checkpoint), "dtype": dtype, "measurement": measurement, "prefill": args.prefill,
            "decode_tokens": args.decode_tokens, "threads": args.threads, "decode": args.decode}
     env = llamacpp.child_env(args.threads)
+    env.setdefault("OMP_WAIT_POLICY", "active")  # what `dsmoe generate` sets (dsmoe._startup); llama.cpp spins too
     if args.decode == "pytorch":
         env["DSMOE_CPU_KERNELS"] = "0"
     text, peak = run_measured([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)], env)

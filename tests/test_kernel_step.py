@@ -74,3 +74,46 @@ def test_supports_and_generate_uses_it():
     fast = dsmoe.generate(model, prompts, 6)
     with cpu_kernels(False):
         assert dsmoe.generate(model, prompts, 6) == fast
+
+
+@pytest.mark.parametrize("preset", ["tiny-v3", "tiny-v1"])
+def test_paged_decode_through_kernels_equals_module_path(preset):
+    """The serving engine's decode-only steps (dsmoe.kernel_step.paged_decode_hidden_states) give the hidden states
+    of the module path (dsmoe.model.paged.paged_hidden_states) over the same paged cache, sequences of different
+    lengths (a key mask) included."""
+    from dsmoe.kernel_step import paged_decode_hidden_states
+    from dsmoe.model.paged import PagedBatch, paged_hidden_states
+    from dsmoe.serve.blocks import CachePool
+
+    model = _model(preset, **({"sliding_window": None} if preset == "tiny-mixtral" else {}))
+    P, lens = 4, [5, 9, 3]
+    pool = CachePool(model.config, 16, P, torch.float32)
+    tables, next_block, ids = [], 0, []
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n in lens:  # prefill each sequence's first n - 1 tokens through the module path
+            blocks = list(range(next_block, next_block + -(-n // P)))
+            next_block += len(blocks)
+            tables.append(blocks)
+            toks = torch.randint(0, model.config.vocab_size, (n,), generator=gen)
+            ids.append(int(toks[-1]))
+            pos = torch.arange(n - 1)
+            from dsmoe.model.paged import Chunk
+            meta = PagedBatch(pos, torch.tensor([blocks[p // P] * P + p % P for p in pos.tolist()]),
+                              chunks=(Chunk(0, n - 1, torch.tensor(blocks), n - 1),)).with_masks()
+            paged_hidden_states(model, toks[:-1], meta, pool.layers)
+        width = max(map(len, tables))
+        meta = PagedBatch(torch.tensor([n - 1 for n in lens]),
+                          torch.tensor([t[(n - 1) // P] * P + (n - 1) % P for t, n in zip(tables, lens)]),
+                          decode_rows=torch.arange(len(lens)),
+                          decode_tables=torch.tensor([t + [t[0]] * (width - len(t)) for t in tables]),
+                          decode_lens=torch.tensor(lens)).with_masks()
+        snapshot = [tuple(t.clone() for t in layer) for layer in pool.layers]
+        fast = paged_decode_hidden_states(model, torch.tensor(ids), meta, pool.layers)
+        for layer, saved in zip(pool.layers, snapshot):  # the module path writes the same slots again
+            for t, s in zip(layer, saved):
+                t.copy_(s)
+        with cpu_kernels(False):
+            slow = paged_hidden_states(model, torch.tensor(ids), meta, pool.layers)
+    assert fast is not None
+    torch.testing.assert_close(fast, slow, atol=2e-5, rtol=0)

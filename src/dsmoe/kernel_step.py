@@ -65,79 +65,144 @@ class KernelDecodeStep:
         if not 0 <= position < self.capacity:
             raise ValueError(f"position {position} is outside the cache (capacity {self.capacity})")
         model, ops, B = self.model, self.ops, self.batch
-        x = model.embed.weight.index_select(0, token.view(-1))  # (B, D)
         positions = torch.full((B, 1), position, dtype=torch.long)
         visible = None
         if self.pad is not None:  # a row sees its own keys only: from its padding on (the new one always)
             positions = (positions - self.pad[:, None]).clamp(min=0)
             visible = torch.arange(position + 1)[None, :] >= self.pad[:, None]  # (B, S)
             visible[:, position] = True
-        cos, sin = model.rope(positions, x.dtype)  # (B, 1, R/2)
-        for block, layer_cache in zip(model.layers, self.cache.layers):
-            h = ops.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps)
-            if isinstance(block.attn, MLAttention):
-                a = self._mla(block.attn, h, cos, sin, layer_cache, position, visible)
-            else:
-                a = self._gqa(block.attn, h, cos, sin, layer_cache, position, visible)
-            x = x + a
-            h = ops.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps)
-            x = x + (self._moe(block.ffn, h) if isinstance(block.ffn, MoE) else self._mlp(block.ffn, h))
-        h = ops.rms_norm(x, model.norm.weight, model.norm.eps)
-        return self._linear(model.head, h).float()
+        caches = self.cache.layers
 
-    def _linear(self, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        y = self.ops.linear(x, layer.weight)
-        return y if layer.bias is None else y + layer.bias.to(y.dtype)
+        def attend(i: int, attn, q: torch.Tensor, new: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            if isinstance(attn, MLAttention):
+                latent = caches[i].latent
+                latent[:, position] = torch.cat(new, dim=-1)
+                return mla_attention(ops, attn, q, latent[:, :position + 1], visible)
+            k, v = new
+            caches[i].k[:, :, position], caches[i].v[:, :, position] = k, v
+            S = position + 1
+            return gqa_attention(ops, attn, q, caches[i].k[:, :, :S], caches[i].v[:, :, :S],
+                                 None if visible is None else visible[:, None, None, :])
 
-    def _mla(self, attn: MLAttention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
-             position: int, visible: torch.Tensor | None) -> torch.Tensor:
-        """MLAttention.forward for one token per row, absorbed form (DeepSeek-V2 section 2.1.3) -> (B, D)."""
-        ops, B = self.ops, h.shape[0]
-        N, R, C = attn.nope_dim, attn.rope_dim, attn.kv_rank
-        if attn.q_rank is None:
-            q = self._linear(attn.wq, h)
-        else:
-            q = self._linear(attn.wq_b, ops.rms_norm(self._linear(attn.wq_a, h), attn.q_norm.weight, attn.q_norm.eps))
-        q = q.view(B, 1, -1, N + R)  # (B, 1, H, N + R)
-        kv = self._linear(attn.wkv_a, h)  # (B, C + R)
-        latent = cache.latent
-        latent[:, position, :C] = ops.rms_norm(kv[:, :C], attn.kv_norm.weight, attn.kv_norm.eps)
-        latent[:, position, C:] = ops.rope(kv[:, None, None, C:], cos, sin, attn.interleaved).view(B, R)
-        q_pe = ops.rope(q[..., N:], cos, sin, attn.interleaved)  # (B, 1, H, R)
-        H = q.shape[2]
-        o = ops.mla_decode(q[:, 0, :, :N], q_pe.view(B, H, R), latent[:, :position + 1], attn.wkv_b.weight,
-                           attn.v_dim, attn.scale, visible)  # (B, H * V)
-        return self._linear(attn.wo, o)
-
-    def _gqa(self, attn: GQAttention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-             position: int, visible: torch.Tensor | None) -> torch.Tensor:
-        """GQAttention.forward for one token per row -> (B, D)."""
-        ops, B, D = self.ops, h.shape[0], attn.head_dim
-        q = ops.rope(self._linear(attn.wq, h).view(B, 1, -1, D), cos, sin, False)  # (B, 1, H, D)
-        cache.k[:, :, position] = ops.rope(self._linear(attn.wk, h).view(B, 1, -1, D), cos, sin, False)[:, 0]
-        cache.v[:, :, position] = self._linear(attn.wv, h).view(B, -1, D)
-        S = position + 1
-        mask = None if visible is None else visible[:, None, None, :]
-        k, v = cache.k[:, :, :S], cache.v[:, :, :S]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=attn.scale,
-                                             enable_gqa=k.shape[1] != q.shape[2])  # (B, H, 1, D)
-        return self._linear(attn.wo, out.reshape(B, -1))
-
-    def _mlp(self, mlp, h: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(self.ops.swiglu(h, mlp.w1.weight, mlp.w3.weight), mlp.w2.weight)
-
-    def _moe(self, moe: MoE, h: torch.Tensor) -> torch.Tensor:
-        """MoE.forward (DeepSeekMoE section 3) for a few tokens: the router, the picked experts, the shared ones."""
-        gate = moe.gate
-        group_mode = 0 if not gate.group_limited else (2 if gate.method == "noaux_tc" else 1)
-        weights, indices = self.ops.route(h, gate.weight, gate.bias, gate.scoring != "softmax", gate.top_k,
-                                          gate.n_group, gate.topk_group, group_mode, gate.normalise,
-                                          gate.scale_after_normalising or not gate.normalise, float(gate.scaling))
-        experts = moe.experts
-        y = self.ops.moe_experts(h, indices, weights, experts.w1, experts.w2, experts.w3)
-        if moe.shared_experts is not None:
-            y = y + self._mlp(moe.shared_experts, h)
-        return y
+        h = decode_layers(ops, model, token.view(-1), positions, attend)
+        return linear(ops, model.head, h).float()
 
 
-__all__ = ["KernelDecodeStep"]
+def decode_layers(ops, model: Transformer, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    """The decoder over one token per row through the kernels -> final-normed hidden states (B, D).
+
+    ids (B,), positions (B, 1) for rope. attend(layer index, attention module, q, new) stores the layer's new
+    keys (`new`: (c_kv, k_pe) for MLA, (k, v) for GQA) wherever its cache keeps them and returns the attention
+    output (B, D), wo included; q is what mla_attention / gqa_attention take."""
+    x = model.embed.weight.index_select(0, ids)  # (B, D)
+    cos, sin = model.rope(positions, x.dtype)  # (B, 1, R/2)
+    for i, block in enumerate(model.layers):
+        h = ops.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps)
+        project = mla_project if isinstance(block.attn, MLAttention) else gqa_project
+        q, new = project(ops, block.attn, h, cos, sin)
+        x = x + attend(i, block.attn, q, new)
+        h = ops.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps)
+        x = x + (moe(ops, block.ffn, h) if isinstance(block.ffn, MoE) else mlp(ops, block.ffn, h))
+    return ops.rms_norm(x, model.norm.weight, model.norm.eps)
+
+
+def linear(ops, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    y = ops.linear(x, layer.weight)
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)
+
+
+def mla_project(ops, attn: MLAttention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """MLAttention's projections for one token per row -> ((q_nope (B, H, N), q_pe (B, H, R)),
+    (c_kv (B, C) normalised, k_pe (B, R) with rope)): the query and what the latent cache keeps."""
+    B, N, R, C = h.shape[0], attn.nope_dim, attn.rope_dim, attn.kv_rank
+    if attn.q_rank is None:
+        q = linear(ops, attn.wq, h)
+    else:
+        q = linear(ops, attn.wq_b, ops.rms_norm(linear(ops, attn.wq_a, h), attn.q_norm.weight, attn.q_norm.eps))
+    q = q.view(B, 1, -1, N + R)  # (B, 1, H, N + R)
+    H = q.shape[2]
+    kv = linear(ops, attn.wkv_a, h)  # (B, C + R)
+    c_kv = ops.rms_norm(kv[:, :C], attn.kv_norm.weight, attn.kv_norm.eps)
+    k_pe = ops.rope(kv[:, None, None, C:], cos, sin, attn.interleaved).view(B, R)
+    q_pe = ops.rope(q[..., N:], cos, sin, attn.interleaved).view(B, H, R)
+    return (q[:, 0, :, :N], q_pe), (c_kv.to(k_pe.dtype), k_pe)
+
+
+def mla_attention(ops, attn: MLAttention, q: tuple[torch.Tensor, torch.Tensor], latent: torch.Tensor,
+                  visible: torch.Tensor | None) -> torch.Tensor:
+    """Absorbed MLA (DeepSeek-V2 section 2.1.3) of q over latent (B, S, C + R), mask visible (B, S) or None,
+    then wo -> (B, D)."""
+    q_nope, q_pe = q
+    o = ops.mla_decode(q_nope, q_pe, latent, attn.wkv_b.weight, attn.v_dim, attn.scale, visible)  # (B, H * V)
+    return linear(ops, attn.wo, o)
+
+
+def gqa_project(ops, attn: GQAttention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """GQAttention's projections for one token per row -> (q (B, 1, H, D) with rope, (k (B, G, D) with rope,
+    v (B, G, D)))."""
+    B, D = h.shape[0], attn.head_dim
+    q = ops.rope(linear(ops, attn.wq, h).view(B, 1, -1, D), cos, sin, False)
+    k = ops.rope(linear(ops, attn.wk, h).view(B, 1, -1, D), cos, sin, False)[:, 0]
+    return q, (k, linear(ops, attn.wv, h).view(B, -1, D))
+
+
+def gqa_attention(ops, attn: GQAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    """q (B, 1, H, D) over k, v (B, G, S, D), mask (B, 1, 1, S) or None, then wo -> (B, D)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=attn.scale,
+                                         enable_gqa=k.shape[1] != q.shape[2])  # (B, H, 1, D)
+    return linear(ops, attn.wo, out.reshape(q.shape[0], -1))
+
+
+def mlp(ops, layer, h: torch.Tensor) -> torch.Tensor:
+    return ops.linear(ops.swiglu(h, layer.w1.weight, layer.w3.weight), layer.w2.weight)
+
+
+def moe(ops, layer: MoE, h: torch.Tensor) -> torch.Tensor:
+    """MoE.forward (DeepSeekMoE section 3) for a few tokens: the router, the picked experts, the shared ones."""
+    gate = layer.gate
+    group_mode = 0 if not gate.group_limited else (2 if gate.method == "noaux_tc" else 1)
+    weights, indices = ops.route(h, gate.weight, gate.bias, gate.scoring != "softmax", gate.top_k,
+                                 gate.n_group, gate.topk_group, group_mode, gate.normalise,
+                                 gate.scale_after_normalising or not gate.normalise, float(gate.scaling))
+    experts = layer.experts
+    y = ops.moe_experts(h, indices, weights, experts.w1, experts.w2, experts.w3)
+    if layer.shared_experts is not None:
+        y = y + mlp(ops, layer.shared_experts, h)
+    return y
+
+
+def paged_decode_hidden_states(model: Transformer, ids: torch.Tensor, meta, layers: list) -> torch.Tensor | None:
+    """dsmoe.model.paged.paged_hidden_states for a step of decodes only (meta.only_decodes), through the kernels
+    -> final-normed hidden states (M, D); None when the kernels do not take it (then the caller runs the
+    module path): more than 8 sequences, the decompressed MLA layout, a sliding window, no kernels."""
+    from .model.paged import _gather
+
+    if not meta.only_decodes or meta.window is not None or model.training:
+        return None
+    if any(len(layer) != (1 if isinstance(block.attn, MLAttention) else 2)
+           for block, layer in zip(model.layers, layers)):
+        return None  # MLA served from the decompressed (per-head K/V) layout: the module path handles it
+    ops = small_batch_kernels(model.embed.weight[:ids.shape[0]], model.head.weight)
+    if ops is None:
+        return None
+    tables, S = meta.decode_tables, meta.decode_keys
+    visible = None if meta.decode_mask is None else meta.decode_mask[:, 0, 0]  # (M, S)
+
+    def attend(i: int, attn, q, new) -> torch.Tensor:
+        pool = layers[i]
+        if isinstance(attn, MLAttention):
+            flat = pool[0].view(-1, pool[0].shape[-1])
+            flat.index_copy_(0, meta.slots, torch.cat(new, dim=-1).to(flat.dtype))
+            return mla_attention(ops, attn, q, _gather(pool[0], tables)[:, :S], visible)
+        k_pool, v_pool = pool
+        for p, t in zip(pool, new):
+            p.view(-1, *p.shape[2:]).index_copy_(0, meta.slots, t.to(p.dtype))
+        k = _gather(k_pool, tables)[:, :S].transpose(1, 2)  # (M, G, S, D)
+        v = _gather(v_pool, tables)[:, :S].transpose(1, 2)
+        return gqa_attention(ops, attn, q, k, v, meta.decode_mask)
+
+    return decode_layers(ops, model, ids, meta.positions[:, None], attend)
+
+
+__all__ = ["KernelDecodeStep", "decode_layers", "paged_decode_hidden_states"]

@@ -13,6 +13,7 @@ import torch
 
 from ..model import Transformer
 from ..model.attention import GQAttention, MLAttention
+from ..kernel_step import paged_decode_hidden_states
 from ..model.paged import Chunk, PagedBatch, paged_hidden_states, paged_mtp_hidden
 from .blocks import CachePool
 
@@ -107,7 +108,11 @@ class ModelRunner:
         """Run one step -> fp32 logits (n, V) of the rows the works asked for, in their order; with
         keep_hidden also the final-normed hidden states of every packed token (M, D) (for the MTP drafter)."""
         ids, meta, want = self.metadata(work)
-        hidden = paged_hidden_states(self.model, ids, meta, self.pool.layers)  # (M, D)
+        hidden = None
+        if meta.only_decodes and self.device.type == "cpu":  # up to 8 decodes: straight through the CPU kernels
+            hidden = paged_decode_hidden_states(self.model, ids, meta, self.pool.layers)
+        if hidden is None:
+            hidden = paged_hidden_states(self.model, ids, meta, self.pool.layers)  # (M, D)
         logits = self.model.head(hidden[self._tensor(want)]).float()
         return (logits, hidden) if keep_hidden else logits
 

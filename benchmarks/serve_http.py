@@ -3,13 +3,15 @@ same client, same requests.
 
     python benchmarks/serve_http.py [--clients 1 8 32] [--requests-per-client 2] [--prompt-tokens 64]
                                     [--new-tokens 32] [--threads 2] [--cache-memory 256MiB]
-                                    [--servers dsmoe transformers transformers-cb] [--json OUT]
+                                    [--servers dsmoe transformers transformers-cb] [--rounds R] [--json OUT]
 
 One random DeepSeek-V3-shaped model (benchmarks/decode.py's: hidden 512, 4 layers, 8 heads, q_lora 192,
 kv_lora 128, 64 routed experts top-6 + 2 shared, vocab 8192) is saved as a transformers checkpoint with a
 word-level tokenizer (one word per id, so a prompt of N words is N tokens for both servers) and no EOS (every
 answer is exactly --new-tokens tokens). Each server runs in its own process with --threads intra-op threads;
-the servers run one after the other, never together.
+all are started first and measured one after the other, never together; with --rounds R every measurement is
+repeated R times, interleaved (round 1: every number of clients against every server, then round 2, ...), and
+the table shows the round with the median output tokens/s.
 
 For each number of concurrent clients C, C asyncio clients each send --requests-per-client streaming
 /v1/completions requests one after the other (greedy, prompts of --prompt-tokens random words, different
@@ -190,6 +192,19 @@ async def run_clients(url: str, model: str, clients: int, per_client: int, promp
             "tpot_p50": statistics.median(tpot), "tpot_p99": _p99(tpot)}
 
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    """Per (server, clients): the round with the median output tokens/s (its latencies with it), plus every
+    round's tokens/s under "rounds_tokens_per_s"."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["server"], r["clients"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: r["tokens_per_s"])
+        out.append({**ranked[(len(ranked) - 1) // 2], "rounds_tokens_per_s": [r["tokens_per_s"] for r in group]})
+    return out
+
+
 def _p99(values: list[float]) -> float:
     return values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
 
@@ -247,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="llama.cpp source with convert_hf_to_gguf.py (default: --llama-cpp itself)")
     p.add_argument("--llama-sdist", type=Path, default=None, metavar="TAR",
                    help="the llama-cpp-python sdist: source (and, without --llama-cpp, a build in a temp dir)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every (server, clients) measurement, interleaved; the table shows medians")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     with_llama = "llama-server" in args.servers
@@ -262,33 +279,52 @@ def main(argv: list[str] | None = None) -> int:
             llama = prepare_llama(args, directory, Path(tmp))
         else:
             write_tokenizer(directory, MODEL["vocab_size"])
-        for server in args.servers:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            extra = {"ignore_eos": True} if server == "llama-server" else None
-            model = {"dsmoe": "bench", "llama-server": "bench"}.get(server, str(directory))
-            for clients in (args.clients if server == "llama-server" else [None]):
+        # Every server process is started (and warmed up) first; then each round runs every number of clients
+        # against every server in turn, so that each round sees all of them under the same machine load.
+        instances = []  # (label, server, clients it serves or None for all, url, model, extra, process)
+        try:
+            for server in args.servers:
+                extra = {"ignore_eos": True} if server == "llama-server" else None
+                model = {"dsmoe": "bench", "llama-server": "bench"}.get(server, str(directory))
                 # llama-server's slots are fixed at start: one server per number of clients (-np C)
-                proc = start_server(server, directory, port, args.threads, args.cache_memory, llama,
-                                    clients or max(args.clients), args.dtype)
-                try:
-                    wait_ready(proc, url)
-                    asyncio.run(run_clients(url, model, 1, 1, 8, 4, MODEL["vocab_size"], seed=99,
-                                            token_ids=with_llama, extra=extra))  # warm-up
-                    for c in ([clients] if clients else args.clients):
-                        row = asyncio.run(run_clients(url, model, c, args.requests_per_client, args.prompt_tokens,
-                                                      args.new_tokens, MODEL["vocab_size"], seed=c,
-                                                      token_ids=with_llama, extra=extra))
-                        row["server"] = server + (f" -np {c}" if server == "llama-server" else "")
-                        row["dtype"] = "fp32" if server.startswith("transformers") else args.dtype
+                for clients in (args.clients if server == "llama-server" else [None]):
+                    port = free_port()
+                    url = f"http://127.0.0.1:{port}"
+                    proc = start_server(server, directory, port, args.threads, args.cache_memory, llama,
+                                        clients or max(args.clients), args.dtype)
+                    label = server + (f" -np {clients}" if clients else "")
+                    try:
+                        wait_ready(proc, url)
+                        asyncio.run(run_clients(url, model, 1, 1, 8, 4, MODEL["vocab_size"], seed=99,
+                                                token_ids=with_llama, extra=extra))  # warm-up
+                        instances.append((label, server, clients, url, model, extra, proc))
+                    except Exception as err:  # a server that cannot run this model: reported, not measured
+                        tail = " ".join(server_log(proc).split()[-60:])
+                        failures[label] = f"{type(err).__name__}: {str(err)[:300]}; server log: ...{tail[-600:]}"
+                        print(f"{label}: failed: {failures[label]}", file=sys.stderr, flush=True)
+                        stop_server(proc)
+            for r in range(args.rounds):
+                for c in args.clients:
+                    for label, server, clients, url, model, extra, proc in instances:
+                        if clients not in (None, c) or label in failures:
+                            continue
+                        try:
+                            row = asyncio.run(run_clients(url, model, c, args.requests_per_client,
+                                                          args.prompt_tokens, args.new_tokens, MODEL["vocab_size"],
+                                                          seed=c * 1000 + r, token_ids=with_llama, extra=extra))
+                        except Exception as err:
+                            tail = " ".join(server_log(proc).split()[-60:])
+                            failures[label] = f"{type(err).__name__}: {str(err)[:300]}; log: ...{tail[-600:]}"
+                            print(f"{label}: failed: {failures[label]}", file=sys.stderr, flush=True)
+                            continue
+                        row.update(server=label, round=r,
+                                   dtype="fp32" if server.startswith("transformers") else args.dtype)
                         rows.append(row)
-                        print(f"{row['server']} x{c}: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
-                except Exception as err:  # a server that cannot run this model: reported, not measured
-                    tail = " ".join(server_log(proc).split()[-60:])
-                    failures[server] = f"{type(err).__name__}: {str(err)[:300]}; server log: ...{tail[-600:]}"
-                    print(f"{server}: failed: {failures[server]}", file=sys.stderr, flush=True)
-                finally:
-                    stop_server(proc)
+                        print(f"round {r} {label} x{c}: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+        finally:
+            for *_, proc in instances:
+                stop_server(proc)
+    rows = median_rows(rows) if args.rounds > 1 else rows
     print_table(rows, failures)
     if args.json:
         meta = {"load_average": os.getloadavg(), "args": {k: str(v) for k, v in vars(args).items()}}

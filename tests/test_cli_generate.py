@@ -38,7 +38,7 @@ def test_generate_streams_the_library_output(model_dir):
     expected = generate(model, torch.tensor([ids]), 12, eos_token_id=tok.token_to_id("<|endoftext|>"))
     text = tok.decode(expected[0, len(ids):].tolist(), skip_special_tokens=True)
 
-    for extra in ([], ["--speculative"]):
+    for extra in ([], ["--prefill-chunk", "2"], ["--speculative"]):
         result = _run("generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "12", *extra)
         assert result.returncode == 0, result.stderr
         assert result.stdout == text + "\n"

@@ -38,6 +38,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="shard the routed experts over N processes (launch with torchrun --nproc_per_node N)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay decode steps from a CUDA graph (CUDA, bf16; untested until scripts/gpu_check.sh passes)")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=None, metavar="N",
+                   help="prefill the prompt N positions at a time (bounds the peak memory of a long prompt; "
+                        "default: one forward)")
     p.add_argument("--compile", action="store_true",
                    help="decode steps through torch.compile (about 2x faster per step on a CPU; the first step "
                         "compiles, ~15 s on 2 cores)")
@@ -100,7 +103,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     shown = ""
     for tokens in stream(model, torch.tensor([ids]), max_new, temperature, top_k, top_p, eos, args.seed,
                          args.speculative, stats, sync, cuda_graph=args.cuda_graph,
-                         compiled=args.compile):
+                         compiled=args.compile, prefill_chunk=args.prefill_chunk):
         new += tokens[0].tolist()
         # Decode everything so far and print the new suffix: byte-level BPE tokens can split a
         # multi-byte character, which decodes to U+FFFD until its last byte arrives.

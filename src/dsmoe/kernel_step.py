@@ -76,7 +76,7 @@ class KernelDecodeStep:
         def attend(i: int, attn, q: torch.Tensor, new: tuple[torch.Tensor, ...]) -> torch.Tensor:
             if isinstance(attn, MLAttention):
                 latent = caches[i].latent
-                latent[:, position] = torch.cat(new, dim=-1)
+                latent[:, position] = new[0] if len(new) == 1 else torch.cat(new, dim=-1)
                 return mla_attention(ops, attn, q, latent[:, :position + 1], visible)
             k, v = new
             caches[i].k[:, :, position], caches[i].v[:, :, position] = k, v
@@ -97,13 +97,41 @@ def decode_layers(ops, model: Transformer, ids: torch.Tensor, positions: torch.T
     x = model.embed.weight.index_select(0, ids)  # (B, D)
     cos, sin = model.rope(positions, x.dtype)  # (B, 1, R/2)
     for i, block in enumerate(model.layers):
-        h = ops.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps)
-        project = mla_project if isinstance(block.attn, MLAttention) else gqa_project
-        q, new = project(ops, block.attn, h, cos, sin)
-        x = x + attend(i, block.attn, q, new)
-        h = ops.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps)
-        x = x + (moe(ops, block.ffn, h) if isinstance(block.ffn, MoE) else mlp(ops, block.ffn, h))
+        attn = block.attn
+        if isinstance(attn, MLAttention) and not _has_bias(attn.wkv_a, getattr(attn, "wq_a", None)):
+            q_nope, q_pe, row = ops.mla_project(  # the whole input side of the layer in one call
+                x, block.attn_norm.weight, block.attn_norm.eps,
+                None if attn.q_rank is None else attn.wq_a.weight, None if attn.q_rank is None else attn.q_norm.weight,
+                1e-6 if attn.q_rank is None else attn.q_norm.eps, (attn.wq if attn.q_rank is None else attn.wq_b).weight,
+                attn.wkv_a.weight, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin, attn.interleaved,
+                attn.nope_dim, attn.rope_dim)
+            q, new = (q_nope, q_pe), (row,)
+        else:
+            h = ops.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps)
+            project = mla_project if isinstance(attn, MLAttention) else gqa_project
+            q, new = project(ops, attn, h, cos, sin)
+        x = x + attend(i, attn, q, new)
+        x = ffn_block(ops, block, x)
     return ops.rms_norm(x, model.norm.weight, model.norm.eps)
+
+
+def _has_bias(*layers) -> bool:
+    return any(layer is not None and layer.bias is not None for layer in layers)
+
+
+def ffn_block(ops, block, x: torch.Tensor) -> torch.Tensor:
+    """x + ffn(ffn_norm(x)) in one kernel call: MoE (router, experts, shared experts) or the dense MLP."""
+    ffn, norm = block.ffn, block.ffn_norm
+    if not isinstance(ffn, MoE):
+        return ops.mlp_block(x, norm.weight, norm.eps, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight)
+    gate, experts, shared = ffn.gate, ffn.experts, ffn.shared_experts
+    group_mode = 0 if not gate.group_limited else (2 if gate.method == "noaux_tc" else 1)
+    return ops.moe_block(x, norm.weight, norm.eps, gate.weight, gate.bias, gate.scoring != "softmax", gate.top_k,
+                         gate.n_group, gate.topk_group, group_mode, gate.normalise,
+                         gate.scale_after_normalising or not gate.normalise, float(gate.scaling),
+                         experts.w1, experts.w2, experts.w3,
+                         *((None, None, None) if shared is None else
+                           (shared.w1.weight, shared.w3.weight, shared.w2.weight)))
 
 
 def linear(ops, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -154,24 +182,6 @@ def gqa_attention(ops, attn: GQAttention, q: torch.Tensor, k: torch.Tensor, v: t
     return linear(ops, attn.wo, out.reshape(q.shape[0], -1))
 
 
-def mlp(ops, layer, h: torch.Tensor) -> torch.Tensor:
-    return ops.linear(ops.swiglu(h, layer.w1.weight, layer.w3.weight), layer.w2.weight)
-
-
-def moe(ops, layer: MoE, h: torch.Tensor) -> torch.Tensor:
-    """MoE.forward (DeepSeekMoE section 3) for a few tokens: the router, the picked experts, the shared ones."""
-    gate = layer.gate
-    group_mode = 0 if not gate.group_limited else (2 if gate.method == "noaux_tc" else 1)
-    weights, indices = ops.route(h, gate.weight, gate.bias, gate.scoring != "softmax", gate.top_k,
-                                 gate.n_group, gate.topk_group, group_mode, gate.normalise,
-                                 gate.scale_after_normalising or not gate.normalise, float(gate.scaling))
-    experts = layer.experts
-    y = ops.moe_experts(h, indices, weights, experts.w1, experts.w2, experts.w3)
-    if layer.shared_experts is not None:
-        y = y + mlp(ops, layer.shared_experts, h)
-    return y
-
-
 def paged_decode_hidden_states(model: Transformer, ids: torch.Tensor, meta, layers: list) -> torch.Tensor | None:
     """dsmoe.model.paged.paged_hidden_states for a step of decodes only (meta.only_decodes), through the kernels
     -> final-normed hidden states (M, D); None when the kernels do not take it (then the caller runs the
@@ -193,7 +203,8 @@ def paged_decode_hidden_states(model: Transformer, ids: torch.Tensor, meta, laye
         pool = layers[i]
         if isinstance(attn, MLAttention):
             flat = pool[0].view(-1, pool[0].shape[-1])
-            flat.index_copy_(0, meta.slots, torch.cat(new, dim=-1).to(flat.dtype))
+            row = new[0] if len(new) == 1 else torch.cat(new, dim=-1)
+            flat.index_copy_(0, meta.slots, row.to(flat.dtype))
             return mla_attention(ops, attn, q, _gather(pool[0], tables)[:, :S], visible)
         k_pool, v_pool = pool
         for p, t in zip(pool, new):

@@ -142,6 +142,22 @@ def _register_fakes() -> None:
         return (x.new_empty(x.shape[0], top_k, dtype=torch.float32),
                 x.new_empty(x.shape[0], top_k, dtype=torch.long))
 
+    @torch.library.register_fake("dsmoe_cpu::mla_project")
+    def _mla_project(x, attn_norm, attn_eps, wq_a, q_norm, q_eps, wq, wkv_a, kv_norm, kv_eps, cos, sin,
+                     interleaved, nope_dim, rope_dim):
+        heads = wq.shape[0] // (nope_dim + rope_dim)
+        return (x.new_empty(x.shape[0], heads, nope_dim), x.new_empty(x.shape[0], heads, rope_dim),
+                x.new_empty(x.shape[0], wkv_a.shape[0]))
+
+    @torch.library.register_fake("dsmoe_cpu::mlp_block")
+    def _mlp_block(x, norm, eps, w1, w3, w2):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("dsmoe_cpu::moe_block")
+    def _moe_block(x, norm, eps, gate, bias, sigmoid, top_k, n_group, topk_group, group_mode, normalise, scale,
+                   scaling, w1, w2, w3, sw1, sw3, sw2):
+        return x.new_empty(x.shape)
+
     @torch.library.register_fake("dsmoe_cpu::mla_decode")
     def _mla_decode(q_nope, q_pe, latent, wkv_b, v_dim, scale, mask):
         return q_nope.new_empty(q_nope.shape[0], q_nope.shape[1] * v_dim)

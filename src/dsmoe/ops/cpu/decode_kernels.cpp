@@ -16,6 +16,7 @@
 //   rms_norm(x (M, D), w (D,), eps) -> (M, D)                    RMSNorm as dsmoe's (fp32 inside)
 //   rope(x (B, T, H, R), cos, sin (T or B x T, R/2), interleaved) -> (B, T, H, R)
 //   route(x (M, D), w (E, D), bias?, ...) -> (gate weights (M, k), indices (M, k))   the MoE router
+//   mla_project, mlp_block, moe_block: the pieces of a layer, several of the above in one call (see there)
 //   latent_attention(q (B, Q, W), latent (B, S, W), value_dim C, scale, mask (B, S)?) -> (B, Q, C)
 //   mla_decode(q_nope (B, H, N), q_pe (B, H, R), latent (B, S, C + R), wkv_b (H * (N + V), C), V, scale,
 //              mask (B, S)?) -> (B, H * V)                  absorbed MLA decode attention, W_UK / W_UV included
@@ -687,6 +688,54 @@ std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& x, const at::Tensor& 
   return {weights, indices};
 }
 
+// ---- Layer pieces: several of the operators above in one call (one Python dispatch instead of ~10) ----
+
+// The attention input side of an MLA layer for one token per row (DeepSeek-V2 section 2.1): RMSNorm, the query
+// (low-rank wq_a -> q_norm -> wq_b when wq_a is given, else the plain wq), the joint KV compression wkv_a ->
+// kv_norm, and rope on the query's and key's rope parts. x (B, D), cos / sin (B, 1, R/2) ->
+// (q_nope (B, H, N), q_pe (B, H, R), latent row [c_kv | k_pe] (B, C + R)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_project(
+    const at::Tensor& x, const at::Tensor& attn_norm, double attn_eps, const c10::optional<at::Tensor>& wq_a,
+    const c10::optional<at::Tensor>& q_norm, double q_eps, const at::Tensor& wq, const at::Tensor& wkv_a,
+    const at::Tensor& kv_norm, double kv_eps, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+    int64_t nope_dim, int64_t rope_dim) {
+  const int64_t B = x.size(0), N = nope_dim, R = rope_dim;
+  at::Tensor h = ::rms_norm(x, attn_norm, attn_eps);
+  at::Tensor q = wq_a.has_value() ? ::linear(::rms_norm(::linear(h, *wq_a), *q_norm, q_eps), wq) : ::linear(h, wq);
+  TORCH_CHECK(q.size(1) % (N + R) == 0, "dsmoe_cpu.mla_project: query width ", q.size(1), " is not heads x ", N + R);
+  const int64_t H = q.size(1) / (N + R);
+  at::Tensor kv = ::linear(h, wkv_a);  // (B, C + R)
+  const int64_t C = kv.size(1) - R;
+  at::Tensor c_kv = ::rms_norm(kv.slice(1, 0, C), kv_norm, kv_eps);
+  at::Tensor k_pe = ::rope(kv.slice(1, C).view({B, 1, 1, R}), cos, sin, interleaved).view({B, R});
+  at::Tensor q4 = q.view({B, 1, H, N + R});
+  at::Tensor q_pe = ::rope(q4.slice(3, N), cos, sin, interleaved).view({B, H, R});
+  return {q4.select(1, 0).slice(2, 0, N), q_pe, at::cat({c_kv.to(k_pe.scalar_type()), k_pe}, 1)};
+}
+
+// x + MLP(RMSNorm(x)) for a dense layer: w2(silu(w1 h) * w3 h). x (B, D) -> (B, D).
+at::Tensor mlp_block(const at::Tensor& x, const at::Tensor& norm, double eps, const at::Tensor& w1,
+                     const at::Tensor& w3, const at::Tensor& w2) {
+  at::Tensor h = ::rms_norm(x, norm, eps);
+  return x + ::linear(::swiglu(h, w1, w3), w2);
+}
+
+// x + MoE(RMSNorm(x)) (DeepSeekMoE section 3): the router (route's settings), the picked experts, and the shared
+// experts when sw1 is given. x (B, D) -> (B, D).
+at::Tensor moe_block(const at::Tensor& x, const at::Tensor& norm, double eps, const at::Tensor& gate,
+                     const c10::optional<at::Tensor>& bias, bool sigmoid, int64_t top_k, int64_t n_group,
+                     int64_t topk_group, int64_t group_mode, bool normalise, bool scale, double scaling,
+                     const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& w3,
+                     const c10::optional<at::Tensor>& sw1, const c10::optional<at::Tensor>& sw3,
+                     const c10::optional<at::Tensor>& sw2) {
+  at::Tensor h = ::rms_norm(x, norm, eps);
+  auto [weights, indices] = ::route(h, gate, bias, sigmoid, top_k, n_group, topk_group, group_mode, normalise, scale,
+                                  scaling);
+  at::Tensor y = ::moe_experts(h, indices, weights, w1, w2, w3);
+  if (sw1.has_value()) y = y + ::linear(::swiglu(h, *sw1, *sw3), *sw2);
+  return x + y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsmoe_cpu, m) {
@@ -698,6 +747,13 @@ TORCH_LIBRARY(dsmoe_cpu, m) {
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor");
   m.def("route(Tensor x, Tensor weight, Tensor? bias, bool sigmoid, int top_k, int n_group, int topk_group, "
         "int group_mode, bool normalise, bool scale, float scaling) -> (Tensor, Tensor)");
+  m.def("mla_project(Tensor x, Tensor attn_norm, float attn_eps, Tensor? wq_a, Tensor? q_norm, float q_eps, "
+        "Tensor wq, Tensor wkv_a, Tensor kv_norm, float kv_eps, Tensor cos, Tensor sin, bool interleaved, "
+        "int nope_dim, int rope_dim) -> (Tensor, Tensor, Tensor)");
+  m.def("mlp_block(Tensor x, Tensor norm, float eps, Tensor w1, Tensor w3, Tensor w2) -> Tensor");
+  m.def("moe_block(Tensor x, Tensor norm, float eps, Tensor gate, Tensor? bias, bool sigmoid, int top_k, "
+        "int n_group, int topk_group, int group_mode, bool normalise, bool scale, float scaling, Tensor w1, "
+        "Tensor w2, Tensor w3, Tensor? sw1, Tensor? sw3, Tensor? sw2) -> Tensor");
   m.def("mla_decode(Tensor q_nope, Tensor q_pe, Tensor latent, Tensor wkv_b, int v_dim, float scale, Tensor? mask)"
         " -> Tensor");
 }
@@ -711,4 +767,7 @@ TORCH_LIBRARY_IMPL(dsmoe_cpu, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
   m.impl("route", &route);
+  m.impl("mla_project", &mla_project);
+  m.impl("mlp_block", &mlp_block);
+  m.impl("moe_block", &moe_block);
 }

@@ -177,11 +177,16 @@ const float* rows_fp32(const at::Tensor& x, std::vector<float>& buf) {
   const int64_t R = x.size(0), W = x.size(1);
   if (x.scalar_type() == at::kFloat && x.stride(1) == 1 && (x.stride(0) == W || R == 1)) return x.data_ptr<float>();
   buf.resize(R * W);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < W; ++c)
-      buf[r * W + c] = x.scalar_type() == at::kFloat
-                           ? x.data_ptr<float>()[r * x.stride(0) + c * x.stride(1)]
-                           : static_cast<float>(x.data_ptr<at::BFloat16>()[r * x.stride(0) + c * x.stride(1)]);
+  const int64_t s0 = x.stride(0), s1 = x.stride(1);
+  if (x.scalar_type() == at::kFloat) {
+    const float* p = x.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < W; ++c) buf[r * W + c] = p[r * s0 + c * s1];
+  } else {  // bf16: widened exactly (the 16 bits above 16 zero bits)
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < W; ++c) buf[r * W + c] = bf16_to_float(p[r * s0 + c * s1]);
+  }
   return buf.data();
 }
 
@@ -553,6 +558,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const int64_t M = x.size(0), D = x.size(1);
   // the weight times x.to(dtype): bf16 only when both are (PyTorch's type promotion)
   const bool half = x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16;
+  const bool x_half = x.scalar_type() == at::kBFloat16;
   std::vector<float> buf;
   const float* xp = rows_fp32(x, buf);
   Fp32Output out({M, D}, half ? at::kBFloat16 : at::kFloat, false);
@@ -563,10 +569,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
       for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(r[i]) * r[i];
       const float inv = 1.0f / std::sqrt(static_cast<float>(ss / D) + static_cast<float>(eps));
       float* y = out.data + m * D;
-      for (int64_t i = 0; i < D; ++i) {
-        float v = r[i] * inv;
-        if (x.scalar_type() == at::kBFloat16) v = static_cast<float>(at::BFloat16(v));
-        y[i] = load1(wp + i) * v;
+      if (x_half) {
+        for (int64_t i = 0; i < D; ++i) y[i] = load1(wp + i) * static_cast<float>(at::BFloat16(r[i] * inv));
+      } else {
+        for (int64_t i = 0; i < D; ++i) y[i] = load1(wp + i) * (r[i] * inv);
       }
     }
   });
@@ -588,9 +594,13 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor&
   Fp32Output out({B, T, H, R}, x.scalar_type(), false);
   const float* cp = cs.data_ptr<float>();
   const float* sp = sn.data_ptr<float>();
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
+  const bool fp32 = x.scalar_type() == at::kFloat;
+  const float* xf = fp32 ? x.data_ptr<float>() : nullptr;
+  const uint16_t* xh = fp32 ? nullptr : reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   auto at_x = [&](int64_t b, int64_t t, int64_t h, int64_t r) {
-    const int64_t off = b * x.stride(0) + t * x.stride(1) + h * x.stride(2) + r * x.stride(3);
-    return x.scalar_type() == at::kFloat ? x.data_ptr<float>()[off] : static_cast<float>(x.data_ptr<at::BFloat16>()[off]);
+    const int64_t off = b * s0 + t * s1 + h * s2 + r * s3;
+    return fp32 ? xf[off] : bf16_to_float(xh[off]);
   };
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
@@ -628,6 +638,7 @@ std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& x, const at::Tensor& 
     bias = bias_in->to(at::kFloat).contiguous();
     TORCH_CHECK(bias.numel() == E, "dsmoe_cpu.route: bias has ", bias.numel(), " entries for ", E, " experts");
   }
+  const float* bias_p = bias.defined() ? bias.data_ptr<float>() : nullptr;
   std::vector<float> buf;
   const float* xp = rows_fp32(x, buf);
   std::vector<float> logits(M * E);
@@ -647,7 +658,7 @@ std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& x, const at::Tensor& 
       for (int64_t e = 0; e < E; ++e) total += (scores[e] = std::exp(lg[e] - top));
       for (int64_t e = 0; e < E; ++e) scores[e] /= total;
     }
-    for (int64_t e = 0; e < E; ++e) choice[e] = scores[e] + (bias.defined() ? bias.data_ptr<float>()[e] : 0.0f);
+    for (int64_t e = 0; e < E; ++e) choice[e] = scores[e] + (bias_p ? bias_p[e] : 0.0f);
     if (group_mode != 0 && n_group > 1) {
       for (int64_t g = 0; g < n_group; ++g) {
         float* grp = &choice[g * per_group];

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dsmoe
-from dsmoe.kernel_step import KernelDecodeStep
+from dsmoe.kernel_step import KernelDecodeStep, MLAStepPlan
 from dsmoe.ops.cpu_kernels import cpu_kernels, kernels
 from dsmoe.presets import get_preset
 
@@ -109,11 +109,20 @@ def test_paged_decode_through_kernels_equals_module_path(preset):
                           decode_tables=torch.tensor([t + [t[0]] * (width - len(t)) for t in tables]),
                           decode_lens=torch.tensor(lens)).with_masks()
         snapshot = [tuple(t.clone() for t in layer) for layer in pool.layers]
+
+        def restore():  # every path writes the same slots again
+            for layer, saved in zip(pool.layers, snapshot):
+                for t, s in zip(layer, saved):
+                    t.copy_(s)
+
         fast = paged_decode_hidden_states(model, torch.tensor(ids), meta, pool.layers)
-        for layer, saved in zip(pool.layers, snapshot):  # the module path writes the same slots again
-            for t, s in zip(layer, saved):
-                t.copy_(s)
+        restore()
+        plan = MLAStepPlan(model) if MLAStepPlan.applies(model) else None  # the whole step in one call (MLA)
+        whole = paged_decode_hidden_states(model, torch.tensor(ids), meta, pool.layers, plan)
+        restore()
         with cpu_kernels(False):
             slow = paged_hidden_states(model, torch.tensor(ids), meta, pool.layers)
-    assert fast is not None
+    assert fast is not None and whole is not None
+    assert (plan is not None) == (preset == "tiny-v3")
     torch.testing.assert_close(fast, slow, atol=2e-5, rtol=0)
+    torch.testing.assert_close(whole, slow, atol=2e-5, rtol=0)

@@ -59,6 +59,7 @@ class KernelDecodeStep:
         self.ops = small_batch_kernels(model.embed.weight[:1], model.head.weight)
         self.pad = None if pad is None else pad.to(torch.long)
         self.capacity = cache.capacity
+        self.plan = MLAStepPlan(model) if MLAStepPlan.applies(model) else None  # the whole step in one C++ call
 
     @torch.no_grad()
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
@@ -72,6 +73,10 @@ class KernelDecodeStep:
             visible = torch.arange(position + 1)[None, :] >= self.pad[:, None]  # (B, S)
             visible[:, position] = True
         caches = self.cache.layers
+        if self.plan is not None:
+            latents = [c.latent for c in caches[:len(model.layers)]]
+            h = self.plan.hidden(ops, token.view(-1), positions.view(-1), latents, position, visible=visible)
+            return linear(ops, model.head, h).float()
 
         def attend(i: int, attn, q: torch.Tensor, new: tuple[torch.Tensor, ...]) -> torch.Tensor:
             if isinstance(attn, MLAttention):
@@ -86,6 +91,67 @@ class KernelDecodeStep:
 
         h = decode_layers(ops, model, token.view(-1), positions, attend)
         return linear(ops, model.head, h).float()
+
+
+_NONE = torch.empty(0)  # an absent weight in MLAStepPlan's flat list (the operator's "no tensor")
+
+
+class MLAStepPlan:
+    """The arguments of the C++ whole-step operator `mla_decode_step` for one model, flattened once (the layout
+    is documented with the operator in ops/cpu/decode_kernels.cpp): every layer MLA attention without biases,
+    dense MLP or DeepSeek MoE. Holds the model's Parameter objects, so that moving the model (`.to`) keeps it valid.
+    """
+
+    @staticmethod
+    def applies(model: Transformer) -> bool:
+        for block in model.layers:
+            attn = block.attn
+            if not isinstance(attn, MLAttention) or attn.indexer is not None:
+                return False
+            if _has_bias(attn.wkv_a, attn.wo, getattr(attn, "wq_a", None), getattr(attn, "wq", None)):
+                return False
+            if isinstance(block.ffn, MoE) and block.ffn.token_dropping is not None:
+                return False
+        return True
+
+    def __init__(self, model: Transformer) -> None:
+        weights, ints, floats = [], [], []
+        for block in model.layers:
+            attn, ffn = block.attn, block.ffn
+            lora = attn.q_rank is not None
+            weights += [block.attn_norm.weight, attn.wq_a.weight if lora else _NONE,
+                        attn.q_norm.weight if lora else _NONE, (attn.wq_b if lora else attn.wq).weight,
+                        attn.wkv_a.weight, attn.kv_norm.weight, attn.wkv_b.weight, attn.wo.weight, block.ffn_norm.weight]
+            if isinstance(ffn, MoE):
+                gate, shared = ffn.gate, ffn.shared_experts
+                weights += [gate.weight, _NONE if gate.bias is None else gate.bias,
+                            ffn.experts.w1, ffn.experts.w2, ffn.experts.w3,
+                            *((_NONE,) * 3 if shared is None else (shared.w1.weight, shared.w3.weight, shared.w2.weight))]
+                group_mode = 0 if not gate.group_limited else (2 if gate.method == "noaux_tc" else 1)
+                ints += [int(lora), 1, int(shared is not None), int(gate.scoring != "softmax"), gate.top_k, gate.n_group,
+                         gate.topk_group, group_mode, int(gate.normalise),
+                         int(gate.scale_after_normalising or not gate.normalise)]
+                scaling = float(gate.scaling)
+            else:
+                weights += [_NONE, _NONE, ffn.w1.weight, ffn.w2.weight, ffn.w3.weight, _NONE, _NONE, _NONE]
+                ints += [int(lora), 0, 0, 0, 1, 1, 1, 0, 0, 0]
+                scaling = 1.0
+            floats += [block.attn_norm.eps, attn.q_norm.eps if lora else 1e-6, attn.kv_norm.eps, block.ffn_norm.eps,
+                       float(attn.scale), scaling]
+        first = model.layers[0].attn
+        self.model = model
+        self.weights, self.ints, self.floats = weights, ints, floats
+        self.dims = [first.nope_dim, first.rope_dim, first.v_dim, int(first.interleaved)]
+
+    def hidden(self, ops, ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor], position: int = 0,
+               slots: torch.Tensor | None = None, tables: torch.Tensor | None = None, keys: int = 0,
+               visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, D) of one token per row: ids (B,), rope positions (B,); caches as
+        mla_decode_step takes them (contiguous latents, or paged pools with slots/tables/keys)."""
+        model = self.model
+        return ops.mla_decode_step(ids, positions, model.embed.weight, model.rope.inv_freq, model.rope.amplitude,
+                                   self.weights, self.ints, self.floats, self.dims, caches, position, slots, tables,
+                                   keys, visible, model.norm.weight, model.norm.eps)
 
 
 def decode_layers(ops, model: Transformer, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
@@ -182,7 +248,8 @@ def gqa_attention(ops, attn: GQAttention, q: torch.Tensor, k: torch.Tensor, v: t
     return linear(ops, attn.wo, out.reshape(q.shape[0], -1))
 
 
-def paged_decode_hidden_states(model: Transformer, ids: torch.Tensor, meta, layers: list) -> torch.Tensor | None:
+def paged_decode_hidden_states(model: Transformer, ids: torch.Tensor, meta, layers: list,
+                               plan: MLAStepPlan | None = None) -> torch.Tensor | None:
     """dsmoe.model.paged.paged_hidden_states for a step of decodes only (meta.only_decodes), through the kernels
     -> final-normed hidden states (M, D); None when the kernels do not take it (then the caller runs the
     module path): more than 8 sequences, the decompressed MLA layout, a sliding window, no kernels."""
@@ -198,6 +265,9 @@ def paged_decode_hidden_states(model: Transformer, ids: torch.Tensor, meta, laye
         return None
     tables, S = meta.decode_tables, meta.decode_keys
     visible = None if meta.decode_mask is None else meta.decode_mask[:, 0, 0]  # (M, S)
+    if plan is not None:  # plan: MLAStepPlan(model), built once by the caller
+        pools = [layer[0] for layer in layers[:len(model.layers)]]
+        return plan.hidden(ops, ids, meta.positions, pools, 0, meta.slots, tables, S, visible)
 
     def attend(i: int, attn, q, new) -> torch.Tensor:
         pool = layers[i]
@@ -216,4 +286,4 @@ def paged_decode_hidden_states(model: Transformer, ids: torch.Tensor, meta, laye
     return decode_layers(ops, model, ids, meta.positions[:, None], attend)
 
 
-__all__ = ["KernelDecodeStep", "decode_layers", "paged_decode_hidden_states"]
+__all__ = ["KernelDecodeStep", "MLAStepPlan", "decode_layers", "paged_decode_hidden_states"]

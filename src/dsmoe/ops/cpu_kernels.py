@@ -1,7 +1,7 @@
 """The small-batch CPU decode kernels (ops/cpu/decode_kernels.cpp), compiled on first use.
 
 `kernels()` returns torch.ops.dsmoe_cpu (linear, swiglu, moe_experts, latent_attention,
-mla_decode, rms_norm, rope, route) or None where they cannot be built
+mla_decode, rms_norm, rope, route, the layer pieces and mla_decode_step) or None where they cannot be built
 (no C++ compiler or ninja, a build error, or DSMOE_CPU_KERNELS=0): callers then keep PyTorch's own
 operators, which compute the same thing (tests/test_cpu_kernels.py holds each kernel against them).
 The build goes through torch.utils.cpp_extension with -O3 -march=native into torch's extension cache

@@ -13,7 +13,7 @@ import torch
 
 from ..model import Transformer
 from ..model.attention import GQAttention, MLAttention
-from ..kernel_step import paged_decode_hidden_states
+from ..kernel_step import MLAStepPlan, paged_decode_hidden_states
 from ..model.paged import Chunk, PagedBatch, paged_hidden_states, paged_mtp_hidden
 from .blocks import CachePool
 
@@ -73,6 +73,9 @@ class ModelRunner:
                              f"({param.dtype}, {param.device}) differ in dtype or device")
         self.model, self.pool = model, pool
         self.device = param.device
+        # the flattened weights of the whole-step CPU operator (kernel_step.MLAStepPlan), for MLA models
+        self._plan = (MLAStepPlan(model) if self.device.type == "cpu" and pool.layers and len(pool.layers[0]) == 1
+                      and MLAStepPlan.applies(model) else None)
         self.window = sliding_window(model.config)
 
     def metadata(self, work: list[Work]) -> tuple[torch.Tensor, PagedBatch, list[int]]:
@@ -110,7 +113,7 @@ class ModelRunner:
         ids, meta, want = self.metadata(work)
         hidden = None
         if meta.only_decodes and self.device.type == "cpu":  # up to 8 decodes: straight through the CPU kernels
-            hidden = paged_decode_hidden_states(self.model, ids, meta, self.pool.layers)
+            hidden = paged_decode_hidden_states(self.model, ids, meta, self.pool.layers, self._plan)
         if hidden is None:
             hidden = paged_hidden_states(self.model, ids, meta, self.pool.layers)  # (M, D)
         logits = self.model.head(hidden[self._tensor(want)]).float()

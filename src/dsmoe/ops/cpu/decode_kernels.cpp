@@ -747,6 +747,70 @@ at::Tensor moe_block(const at::Tensor& x, const at::Tensor& norm, double eps, co
   return x + y;
 }
 
+// A whole decode step of an MLA model (DeepSeek-V2/V3 with dense or MoE FFNs), one token per row, in one call:
+// no Python between the ~10 kernels of each layer. The layers come flattened (dsmoe.kernel_step.MLAStepPlan
+// builds these lists once per model):
+//   weights: per layer kSlots tensors: attn_norm, wq_a, q_norm, wq (wq_b with q-LoRA), wkv_a, kv_norm, wkv_b, wo,
+//            ffn_norm, gate, gate_bias, w1, w2, w3, shared_w1, shared_w3, shared_w2 (absent ones: empty tensors);
+//   ints:    per layer kInts: has_q_lora, is_moe, has_shared, sigmoid, top_k, n_group, topk_group, group_mode,
+//            normalise, scale;
+//   floats:  per layer kFloats: attn_eps, q_eps, kv_eps, ffn_eps, softmax scale, routed scaling;
+//   dims:    nope_dim, rope_dim, v_dim, interleaved.
+// caches: per layer either the contiguous latent cache (B, L, C + R) (tables absent: row `position` is written,
+// rows 0..position read) or the paged pool (NB, P, C + R) (tables (B, K) given: each row written at slots[b],
+// keys read through the block table, the first `keys` of them). visible (B, S) or none as for mla_decode.
+// ids (B,), positions (B,) rope positions -> final-normed hidden states (B, D). The caches are written in place
+// (the schema does not say so: this operator is for eager calls, never traced).
+constexpr int64_t kSlots = 17, kInts = 10, kFloats = 6;
+
+at::Tensor mla_decode_step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed,
+                           const at::Tensor& inv_freq, double amplitude, at::TensorList weights, at::IntArrayRef ints,
+                           at::ArrayRef<double> floats, at::IntArrayRef dims, at::TensorList caches, int64_t position,
+                           const c10::optional<at::Tensor>& slots, const c10::optional<at::Tensor>& tables,
+                           int64_t keys, const c10::optional<at::Tensor>& visible, const at::Tensor& norm,
+                           double norm_eps) {
+  const char* op = "dsmoe_cpu.mla_decode_step";
+  const int64_t L = static_cast<int64_t>(caches.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kSlots && static_cast<int64_t>(ints.size()) == L * kInts &&
+                  static_cast<int64_t>(floats.size()) == L * kFloats && dims.size() == 4,
+              op, ": ", L, " layers need ", L * kSlots, " weights, ", L * kInts, " ints and ", L * kFloats, " floats");
+  const int64_t N = dims[0], R = dims[1], V = dims[2];
+  const bool interleaved = dims[3] != 0;
+  const int64_t B = ids.size(0);
+  at::Tensor x = embed.index_select(0, ids);  // (B, D)
+  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);  // (B, R/2), as RotaryEmbedding
+  at::Tensor cos = (freqs.cos() * amplitude).to(x.scalar_type()).view({B, 1, -1});
+  at::Tensor sin = (freqs.sin() * amplitude).to(x.scalar_type()).view({B, 1, -1});
+  auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = &weights[l * kSlots];
+    const int64_t* in = &ints[l * kInts];
+    const double* fl = &floats[l * kFloats];
+    auto [q_nope, q_pe, row] = mla_project(x, w[0], fl[0], in[0] ? opt(w[1]) : c10::nullopt,
+                                           in[0] ? opt(w[2]) : c10::nullopt, fl[1], w[3], w[4], w[5], fl[2], cos, sin,
+                                           interleaved, N, R);
+    at::Tensor latent;
+    if (tables.has_value()) {  // paged pool (NB, P, W): write each row at its slot, read through the block table
+      const at::Tensor& pool = caches[l];
+      pool.view({-1, pool.size(-1)}).index_copy_(0, *slots, row.to(pool.scalar_type()));
+      latent = pool.index_select(0, tables->reshape(-1)).view({B, -1, pool.size(-1)}).narrow(1, 0, keys);
+    } else {  // contiguous (B, L, W)
+      caches[l].select(1, position).copy_(row);
+      latent = caches[l].narrow(1, 0, position + 1);
+    }
+    at::Tensor o = mla_decode(q_nope, q_pe, latent, w[6], V, fl[4], visible);  // (B, H * V)
+    x = x + ::linear(o, w[7]);
+    if (in[1]) {
+      x = moe_block(x, w[8], fl[3], w[9], opt(w[10]), in[3] != 0, in[4], in[5], in[6], in[7], in[8] != 0, in[9] != 0,
+                    fl[5], w[11], w[12], w[13], in[2] ? opt(w[14]) : c10::nullopt, in[2] ? opt(w[15]) : c10::nullopt,
+                    in[2] ? opt(w[16]) : c10::nullopt);
+    } else {
+      x = mlp_block(x, w[8], fl[3], w[11], w[13], w[12]);
+    }
+  }
+  return ::rms_norm(x, norm, norm_eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsmoe_cpu, m) {
@@ -765,6 +829,9 @@ TORCH_LIBRARY(dsmoe_cpu, m) {
   m.def("moe_block(Tensor x, Tensor norm, float eps, Tensor gate, Tensor? bias, bool sigmoid, int top_k, "
         "int n_group, int topk_group, int group_mode, bool normalise, bool scale, float scaling, Tensor w1, "
         "Tensor w2, Tensor w3, Tensor? sw1, Tensor? sw3, Tensor? sw2) -> Tensor");
+  m.def("mla_decode_step(Tensor ids, Tensor positions, Tensor embed, Tensor inv_freq, float amplitude, "
+        "Tensor[] weights, int[] ints, float[] floats, int[] dims, Tensor[] caches, int position, Tensor? slots, "
+        "Tensor? tables, int keys, Tensor? visible, Tensor norm, float norm_eps) -> Tensor");
   m.def("mla_decode(Tensor q_nope, Tensor q_pe, Tensor latent, Tensor wkv_b, int v_dim, float scale, Tensor? mask)"
         " -> Tensor");
 }
@@ -781,4 +848,5 @@ TORCH_LIBRARY_IMPL(dsmoe_cpu, CPU, m) {
   m.impl("mla_project", &mla_project);
   m.impl("mlp_block", &mlp_block);
   m.impl("moe_block", &moe_block);
+  m.impl("mla_decode_step", &mla_decode_step);
 }

@@ -154,7 +154,8 @@ def test_every_train_option_shows_its_default():
 
 
 def test_ctrl_c_during_start_up_is_one_line(corpus, tmp_path):
-    proc = _cli("train", "--out", str(tmp_path / "run"), "--data", str(corpus), "--steps", "5", background=True)
+    # enough steps that the run is still going when the signal comes (5 steps finished in ~3 s, before it)
+    proc = _cli("train", "--out", str(tmp_path / "run"), "--data", str(corpus), "--steps", "1000", background=True)
     import random
 
     time.sleep(random.uniform(0.3, 5))  # importing torch, reading, tokenizing or building: each is one line

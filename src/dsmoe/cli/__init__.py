@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        # inside the try: some subcommands import their modules while the parser is built (train's loop)
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except (CLIError, ValueError, OSError) as err:
         _fail(str(err))

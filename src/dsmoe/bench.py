@@ -308,11 +308,20 @@ class _Decoder:
         self.tokens: dict[str, torch.Tensor] = {}
 
     def dsmoe(self) -> None:
-        T, token, out = self.ids.shape[1], self.first, []
+        from .kernel_step import KernelDecodeStep
+
+        (B, T), token, out = self.ids.shape, self.first, []
         with torch.no_grad():
+            # as dsmoe.generate does: the kernel step on the CPU where it applies, else the eager step with ids
+            # checked once (the prompt), not per sampled token
+            kernel_step = (KernelDecodeStep(self.ours, self.cache) if self.ids.device.type == "cpu"
+                           and KernelDecodeStep.supports(self.ours, self.cache, B) else None)
             for step in range(self.n):
-                # as dsmoe.generate does: ids checked once (the prompt), not per sampled token
-                token = self.ours(token[:, None], cache=self.cache, start=T + step, check=False)[:, -1].argmax(-1)
+                if kernel_step is not None:
+                    logits = kernel_step(token, T + step)
+                else:
+                    logits = self.ours(token[:, None], cache=self.cache, start=T + step, check=False)[:, -1]
+                token = logits.argmax(-1)
                 out.append(token)
         self.tokens["dsmoe"] = torch.stack(out, dim=1)
 

@@ -126,9 +126,13 @@ def stream(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]]
     that every rank feeds the same tokens (and runs the same collectives) at every step.
     cuda_graph: decode steps replayed from a CUDA graph captured once for this batch (dsmoe.decode_graph;
     CUDA, bf16 MoE weights; ValueError otherwise). Untested until scripts/gpu_check.sh passes on a GPU.
-    compiled: decode steps through torch.compile (dsmoe.decode_graph.CompiledDecodeStep): on a CPU about twice
-    as fast per step once compiled; the first step of a new shape compiles (~15 s on 2 cores). Same tokens as
-    the eager step. ValueError for models it does not cover (V3.2 sparse attention, sliding windows, V4).
+    compiled: decode steps through torch.compile (dsmoe.decode_graph.CompiledDecodeStep); the first step of a new
+    shape compiles (~15 s on 2 cores). Same tokens as the eager step. ValueError for models it does not cover
+    (V3.2 sparse attention, sliding windows, V4).
+    Without either, plain decoding of at most 8 rows on the CPU runs through dsmoe's decode kernels
+    (dsmoe.kernel_step.KernelDecodeStep; for MLA models the whole step is one C++ call): the eager step's tokens
+    at several times its speed. DSMOE_CPU_KERNELS=0 (or dsmoe.ops.cpu_kernels.cpu_kernels(False)) keeps the
+    eager step; so do sliding-window, V3.2, V4, sharded and speculative decoding.
     prefill_chunk: write the prompt into the cache in forwards of at most this many positions (None: one
     forward). The prefill's activations (MoE dispatch buffers, attention scores, the MLP's hidden states)
     then scale with the chunk instead of the prompt, which bounds the peak memory of a long prompt; the

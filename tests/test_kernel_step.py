@@ -50,9 +50,12 @@ def test_kernel_step_equals_eager_step(preset):
 
 
 def test_kernel_step_without_q_lora_and_in_bf16():
-    model = _model("tiny-v2", q_lora_rank=None)  # V2-Lite's plain query projection
     prompts = [[1, 2, 3, 4, 5]]
-    torch.testing.assert_close(_steps(model, prompts, 4, True), _steps(model, prompts, 4, False), atol=5e-5, rtol=0)
+    for model in (_model("tiny-v2", q_lora_rank=None),  # V2-Lite's plain query projection
+                  _model("tiny-v3", attention_bias=True)):  # biases: the per-layer path, not the one-call step
+        torch.testing.assert_close(_steps(model, prompts, 4, True), _steps(model, prompts, 4, False), atol=5e-5,
+                                   rtol=0)
+    assert not MLAStepPlan.applies(model)
     model = _model("tiny-v3", torch.bfloat16)
     fast, slow = _steps(model, prompts, 2, True), _steps(model, prompts, 2, False)
     kl = torch.nn.functional.kl_div(fast.log_softmax(-1), slow.log_softmax(-1), log_target=True, reduction="batchmean")

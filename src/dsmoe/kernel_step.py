@@ -3,8 +3,9 @@
 `model(token, cache=cache, start=p)` spends as long dispatching ~600 small PyTorch operations and ~100
 nn.Module calls (norms, projections, rope, views, casts, the checks of every layer) as its matrix products take.
 `KernelDecodeStep` computes the same step for the families whose decode kernels exist (MLA or GQA attention
-over a contiguous cache, dense MLP or DeepSeek MoE) as ~20 calls per layer into dsmoe.ops.cpu_kernels (RMSNorm,
-projections, rope, the MoE router and experts, absorbed MLA attention) with the weights looked up once: no
+over a contiguous cache, dense MLP or DeepSeek MoE) through dsmoe.ops.cpu_kernels: for MLA models without
+attention biases the whole step is one C++ call (`mla_decode_step`, its arguments flattened once by
+`MLAStepPlan`); otherwise ~6 calls per layer (`decode_layers`: the layer pieces, attention, the FFN block). No
 module calls, no per-call checks. The eager step is its slow twin (tests/test_kernel_step.py: the same logits to
 float rounding and the same greedy tokens). No compiler and nothing imported beyond the kernels: the peak memory
 of a decode stays the model, its cache and the PyTorch runtime (torch.compile's stack costs ~150 MiB more).

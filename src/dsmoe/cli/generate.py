@@ -98,6 +98,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     top_p = args.top_p if args.top_p is not None else defaults.get("top_p")
     max_new = args.max_new_tokens or (gen.max_new_tokens if gen is not None and gen.max_new_tokens else 128)
     stats = GenerationStats()
+    if model.embed.weight.device.type == "cpu":
+        from ..ops.cpu_kernels import kernels
+
+        kernels()  # built (once per machine, ~30 s) or loaded before the clock starts: tokens/s is decoding only
     began = time.perf_counter()
     new: list[int] = []
     shown = ""

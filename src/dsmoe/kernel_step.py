@@ -128,11 +128,8 @@ class MLAStepPlan:
                 weights += [gate.weight, _NONE if gate.bias is None else gate.bias,
                             ffn.experts.w1, ffn.experts.w2, ffn.experts.w3,
                             *((_NONE,) * 3 if shared is None else (shared.w1.weight, shared.w3.weight, shared.w2.weight))]
-                group_mode = 0 if not gate.group_limited else (2 if gate.method == "noaux_tc" else 1)
-                ints += [int(lora), 1, int(shared is not None), int(gate.scoring != "softmax"), gate.top_k, gate.n_group,
-                         gate.topk_group, group_mode, int(gate.normalise),
-                         int(gate.scale_after_normalising or not gate.normalise)]
-                scaling = float(gate.scaling)
+                *rule, scaling = gate.kernel_settings()
+                ints += [int(lora), 1, int(shared is not None), *map(int, rule)]
             else:
                 weights += [_NONE, _NONE, ffn.w1.weight, ffn.w2.weight, ffn.w3.weight, _NONE, _NONE, _NONE]
                 ints += [int(lora), 0, 0, 0, 1, 1, 1, 0, 0, 0]
@@ -192,10 +189,7 @@ def ffn_block(ops, block, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(ffn, MoE):
         return ops.mlp_block(x, norm.weight, norm.eps, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight)
     gate, experts, shared = ffn.gate, ffn.experts, ffn.shared_experts
-    group_mode = 0 if not gate.group_limited else (2 if gate.method == "noaux_tc" else 1)
-    return ops.moe_block(x, norm.weight, norm.eps, gate.weight, gate.bias, gate.scoring != "softmax", gate.top_k,
-                         gate.n_group, gate.topk_group, group_mode, gate.normalise,
-                         gate.scale_after_normalising or not gate.normalise, float(gate.scaling),
+    return ops.moe_block(x, norm.weight, norm.eps, gate.weight, gate.bias, *gate.kernel_settings(),
                          experts.w1, experts.w2, experts.w3,
                          *((None, None, None) if shared is None else
                            (shared.w1.weight, shared.w3.weight, shared.w2.weight)))

@@ -58,13 +58,18 @@ class Router(nn.Module):
         # Only V3-style routing has a correction bias; it is a buffer (updated by the balancer, not SGD).
         self.bias = nn.Buffer(torch.zeros(self.n_experts, dtype=torch.float32)) if self.method == "noaux_tc" else None
 
+    def kernel_settings(self) -> tuple[bool, int, int, int, int, bool, bool, float]:
+        """This rule as the CPU kernels take it after (x, weight, bias) (ops/cpu/decode_kernels.cpp, `route`):
+        (sigmoid, top_k, n_group, topk_group, group_mode (0 none, 1 V2's best expert, 2 V3's top-2 sum),
+        normalise, scale, routed_scaling_factor)."""
+        group_mode = 0 if not self.group_limited else (2 if self.method == "noaux_tc" else 1)
+        return (self.scoring != "softmax", self.top_k, self.n_group, self.topk_group, group_mode, self.normalise,
+                self.scale_after_normalising or not self.normalise, float(self.scaling))
+
     def forward(self, x: torch.Tensor) -> Routing:
         ops = None if self.training else small_batch_kernels(x, self.weight)
         if ops is not None:  # a decode step: the whole gate in one kernel call (no scores kept: inference)
-            group_mode = 0 if not self.group_limited else (2 if self.method == "noaux_tc" else 1)
-            weights, indices = ops.route(x, self.weight, self.bias, self.scoring != "softmax", self.top_k,
-                                         self.n_group, self.topk_group, group_mode, self.normalise,
-                                         self.scale_after_normalising or not self.normalise, float(self.scaling))
+            weights, indices = ops.route(x, self.weight, self.bias, *self.kernel_settings())
             return Routing(weights, indices, None, None)
         # Autocast (bf16 training) would run this linear in bf16: routing decisions and the balance losses
         # want fp32 scores (V3 section 3.3.1 keeps the gating in full precision).

@@ -1,7 +1,7 @@
 """The small-batch CPU decode kernels (ops/cpu/decode_kernels.cpp), compiled on first use.
 
-`kernels()` returns torch.ops.dsmoe_cpu (linear, swiglu, moe_experts, latent_attention,
-mla_decode, rms_norm, rope, route, the layer pieces and mla_decode_step) or None where they cannot be built
+`kernels()` returns torch.ops.dsmoe_cpu (linear, swiglu, moe_experts, mla_decode, rms_norm, rope, route,
+the layer pieces and mla_decode_step) or None where they cannot be built
 (no C++ compiler or ninja, a build error, or DSMOE_CPU_KERNELS=0): callers then keep PyTorch's own
 operators, which compute the same thing (tests/test_cpu_kernels.py holds each kernel against them).
 The build goes through torch.utils.cpp_extension with -O3 -march=native into torch's extension cache
@@ -123,10 +123,6 @@ def _register_fakes() -> None:
     @torch.library.register_fake("dsmoe_cpu::moe_experts")
     def _moe(x, indices, gate, w1, w2, w3):
         return x.new_empty(x.shape)
-
-    @torch.library.register_fake("dsmoe_cpu::latent_attention")
-    def _latent_attention(q, latent, value_dim, scale, mask):
-        return q.new_empty(q.shape[0], q.shape[1], value_dim)
 
     @torch.library.register_fake("dsmoe_cpu::rms_norm")
     def _rms_norm(x, weight, eps):

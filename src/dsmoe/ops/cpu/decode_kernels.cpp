@@ -17,7 +17,6 @@
 //   rope(x (B, T, H, R), cos, sin (T or B x T, R/2), interleaved) -> (B, T, H, R)
 //   route(x (M, D), w (E, D), bias?, ...) -> (gate weights (M, k), indices (M, k))   the MoE router
 //   mla_project, mlp_block, moe_block: the pieces of a layer, several of the above in one call (see there)
-//   latent_attention(q (B, Q, W), latent (B, S, W), value_dim C, scale, mask (B, S)?) -> (B, Q, C)
 //   mla_decode(q_nope (B, H, N), q_pe (B, H, R), latent (B, S, C + R), wkv_b (H * (N + V), C), V, scale,
 //              mask (B, S)?) -> (B, H * V)                  absorbed MLA decode attention, W_UK / W_UV included
 // x and the output share a dtype (fp32 or bf16); weights are fp32 or bf16; all contiguous.
@@ -475,29 +474,6 @@ at::Tensor visible_keys(const char* op, const c10::optional<at::Tensor>& mask, i
   return m;
 }
 
-// Absorbed MLA attention (DeepSeek-V2 section 2.1.3) for query rows already in latent space:
-// q (B, Q, W), latent (B, S, W) (rows contiguous; a slice of a larger cache is fine), mask (B, S) bool or none
-// (True = may attend) -> (B, Q, C) in q's dtype, C = value_dim <= W.
-at::Tensor latent_attention(const at::Tensor& q, const at::Tensor& latent, int64_t value_dim, double scale,
-                            const c10::optional<at::Tensor>& mask_in) {
-  const char* op = "dsmoe_cpu.latent_attention";
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 3, op, ": q must be a CPU (B, Q, W) tensor, got ", q.sizes());
-  const int64_t B = q.size(0), Q = q.size(1), Wd = q.size(2), C = value_dim;
-  check_latent(op, latent, B, Wd);
-  const int64_t S = latent.size(1);
-  TORCH_CHECK(C > 0 && C <= Wd, op, ": value_dim ", C, " must be in 1..", Wd);
-  at::Tensor mask = visible_keys(op, mask_in, B, S);
-  std::vector<float> buf;
-  const float* qp = rows_fp32(q.reshape({B * Q, Wd}), buf);
-  Fp32Output out({B, Q, C}, q.scalar_type(), false);
-  with_weight(latent, [&](auto* lp) {
-    for (int64_t b = 0; b < B; ++b)
-      attend_latent(qp + b * Q * Wd, Q, lp + b * latent.stride(0), S, Wd, C, static_cast<float>(scale),
-                    mask.defined() ? mask.data_ptr<bool>() + b * mask.size(1) : nullptr, out.data + b * Q * C);
-  });
-  return out.finish();
-}
-
 // One decode step of absorbed MLA from the per-head query to the per-head output, in one call:
 // q_nope (B, H, N) and q_pe (B, H, R) (any strides), latent (B, S, C + R), wkv_b (H * (N + V), C) = per head
 // [W_UK (N, C); W_UV (V, C)], mask (B, S)? ->
@@ -817,7 +793,6 @@ TORCH_LIBRARY(dsmoe_cpu, m) {
   m.def("linear(Tensor x, Tensor w) -> Tensor");
   m.def("swiglu(Tensor x, Tensor w1, Tensor w3) -> Tensor");
   m.def("moe_experts(Tensor x, Tensor indices, Tensor gate, Tensor w1, Tensor w2, Tensor w3) -> Tensor");
-  m.def("latent_attention(Tensor q, Tensor latent, int value_dim, float scale, Tensor? mask) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor");
   m.def("route(Tensor x, Tensor weight, Tensor? bias, bool sigmoid, int top_k, int n_group, int topk_group, "
@@ -840,7 +815,6 @@ TORCH_LIBRARY_IMPL(dsmoe_cpu, CPU, m) {
   m.impl("linear", &linear);
   m.impl("swiglu", &swiglu);
   m.impl("moe_experts", &moe_experts);
-  m.impl("latent_attention", &latent_attention);
   m.impl("mla_decode", &mla_decode);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);

@@ -42,8 +42,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="prefill the prompt N positions at a time (bounds the peak memory of a long prompt; "
                         "default: one forward)")
     p.add_argument("--compile", action="store_true",
-                   help="decode steps through torch.compile (about 2x faster per step on a CPU; the first step "
-                        "compiles, ~15 s on 2 cores)")
+                   help="decode steps through torch.compile (for models the default CPU kernel step does not "
+                        "cover; no faster than it otherwise). The first step compiles (~15-50 s on 2 cores), and "
+                        "the tokens/s reported includes that")
     add_device_argument(p)
     p.set_defaults(run=_run_generate)
 

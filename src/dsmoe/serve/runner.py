@@ -14,6 +14,7 @@ import torch
 from ..model import Transformer
 from ..model.attention import GQAttention, MLAttention
 from ..kernel_step import MLAStepPlan, paged_decode_hidden_states
+from ..ops.cpu_kernels import kernels
 from ..model.paged import Chunk, PagedBatch, paged_hidden_states, paged_mtp_hidden
 from .blocks import CachePool
 
@@ -73,6 +74,8 @@ class ModelRunner:
                              f"({param.dtype}, {param.device}) differ in dtype or device")
         self.model, self.pool = model, pool
         self.device = param.device
+        if self.device.type == "cpu":  # built (once per machine, ~30 s) or loaded now, not at the first request
+            kernels()
         # the flattened weights of the whole-step CPU operator (kernel_step.MLAStepPlan), for MLA models
         self._plan = (MLAStepPlan(model) if self.device.type == "cpu" and pool.layers and len(pool.layers[0]) == 1
                       and MLAStepPlan.applies(model) else None)

@@ -62,6 +62,46 @@ def test_kernel_step_without_q_lora_and_in_bf16():
     assert kl.item() < 1e-3
 
 
+def _whole_and_pieces(model, prompts, steps):
+    """Per-step logits of greedy decoding by the one-call step (mla_decode_step) and by its slow twin, the same
+    kernels called layer piece by layer piece (decode_layers), each over its own copy of the prefilled cache."""
+    from dsmoe.generate import _batch_prompts
+
+    ids, pad = _batch_prompts(prompts)
+    B, T = ids.shape
+    runs = []
+    for whole in (True, False):
+        cache = model.make_cache(B, T + steps)
+        with torch.no_grad():
+            logits = model(ids, cache=cache, pad=pad)[:, -1]
+            step = KernelDecodeStep(model, cache, pad)
+            assert step.plan is not None
+            if not whole:
+                step.plan = None
+            seen = []
+            for s in range(steps):
+                token = logits.argmax(-1)
+                logits = step(token, T + s)
+                seen.append(logits)
+        runs.append(torch.stack(seen, dim=1))
+    return runs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset,overrides", [("tiny-v3", {}), ("tiny-v2", {"q_lora_rank": None}),
+                                              ("tiny-v3", {"n_shared_experts": 0, "first_k_dense_replace": 0})])
+def test_whole_step_equals_its_pieces_bitwise(preset, overrides, dtype):
+    """The one-call step computes what the layer pieces compute, in the same order and with the same bf16
+    roundings: equal bit for bit (dense and MoE layers, V2's and V3's routers, with and without q-LoRA, padded
+    rows, and more than 128 keys so that the keys are split across threads)."""
+    model = _model(preset, dtype, **overrides)
+    gen = torch.Generator().manual_seed(4)
+    for lengths in ([150], [140, 9, 133]):
+        prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+        whole, pieces = _whole_and_pieces(model, prompts, 4)
+        assert torch.equal(whole, pieces)
+
+
 def test_supports_and_generate_uses_it():
     model = _model("tiny-v3")
     assert KernelDecodeStep.supports(model, model.make_cache(8, 16), 8)
@@ -129,3 +169,5 @@ def test_paged_decode_through_kernels_equals_module_path(preset):
     assert (plan is not None) == (preset == "tiny-v3")
     torch.testing.assert_close(fast, slow, atol=2e-5, rtol=0)
     torch.testing.assert_close(whole, slow, atol=2e-5, rtol=0)
+    if plan is not None:  # the one-call step reads the pool in place through the block tables: same bits
+        assert torch.equal(whole, fast)

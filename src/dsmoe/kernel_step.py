@@ -99,7 +99,7 @@ _NONE = torch.empty(0)  # an absent weight in MLAStepPlan's flat list (the opera
 
 class MLAStepPlan:
     """The arguments of the C++ whole-step operator `mla_decode_step` for one model, flattened once (the layout
-    is documented with the operator in ops/cpu/decode_kernels.cpp): every layer MLA attention without biases,
+    is documented with the operator in ops/cpu/decode_step.cpp): every layer MLA attention without biases,
     dense MLP or DeepSeek MoE. Holds the model's Parameter objects, so that moving the model (`.to`) keeps it valid.
     """
 

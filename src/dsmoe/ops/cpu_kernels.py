@@ -24,7 +24,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "cpu" / "decode_kernels.cpp"
+SOURCES = [Path(__file__).parent / "cpu" / name for name in ("decode_kernels.cpp", "decode_step.cpp")]
+HEADERS = [Path(__file__).parent / "cpu" / "kernel_math.h"]
 MAX_TOKENS = 8  # kMaxTokens in the source: the most tokens one call takes
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -71,7 +72,8 @@ def _cpu_flags() -> str:
 
 
 def _build_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode())
+    code = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    digest = hashlib.sha256(code + _cpu_flags().encode() + torch.__version__.encode())
     return f"dsmoe_cpu_{digest.hexdigest()[:12]}"
 
 
@@ -101,8 +103,11 @@ def _load():
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name=_build_name(), sources=[str(SOURCE)], is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+        # -ffp-contract=off: no silent fused multiply-adds, so that the operators and the whole step, compiled
+        # separately, round alike (the step is tested bitwise against the operators)
+        cpp_extension.load(name=_build_name(), sources=[str(path) for path in SOURCES], is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+                           extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a build error: the PyTorch path still works
         return None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
     _register_fakes()
@@ -159,4 +164,4 @@ def _register_fakes() -> None:
         return q_nope.new_empty(q_nope.shape[0], q_nope.shape[1] * v_dim)
 
 
-__all__ = ["MAX_TOKENS", "SOURCE", "cpu_kernels", "kernels", "small_batch_kernels", "unavailable_reason"]
+__all__ = ["MAX_TOKENS", "SOURCES", "cpu_kernels", "kernels", "small_batch_kernels", "unavailable_reason"]

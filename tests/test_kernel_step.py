@@ -171,3 +171,21 @@ def test_paged_decode_through_kernels_equals_module_path(preset):
     torch.testing.assert_close(whole, slow, atol=2e-5, rtol=0)
     if plan is not None:  # the one-call step reads the pool in place through the block tables: same bits
         assert torch.equal(whole, fast)
+
+
+def test_step_plan_follows_the_model_to_another_dtype():
+    """MLAStepPlan keeps its operands on the C++ side; after model.to(...) replaced the tensors it rebuilds them
+    (a stale copy would read freed or fp32 memory as bf16)."""
+    model = _model("tiny-v3")
+    plan = MLAStepPlan(model)
+    ops = kernels()
+    ids, positions = torch.tensor([5]), torch.tensor([0])
+    with torch.no_grad():
+        before = plan.logits(ops, ids, positions, [model.make_cache(1, 4).layers[i].latent for i in range(2)], 0)
+        model.to(torch.bfloat16)
+        caches = [model.make_cache(1, 4).layers[i].latent for i in range(2)]
+        after = plan.logits(ops, ids, positions, caches, 0)
+        fresh = MLAStepPlan(model).logits(ops, ids, positions, [c.zero_() for c in caches], 0)
+    assert before.dtype == after.dtype == torch.float32
+    assert torch.equal(after, fresh)
+    torch.testing.assert_close(after, before, atol=0.1, rtol=0.05)

@@ -76,6 +76,8 @@ class KernelDecodeStep:
         caches = self.cache.layers
         if self.plan is not None:
             latents = [c.latent for c in caches[:len(model.layers)]]
+            if model.head.bias is None:  # the head in the same C++ call
+                return self.plan.logits(ops, token.view(-1), positions.view(-1), latents, position, visible)
             h = self.plan.hidden(ops, token.view(-1), positions.view(-1), latents, position, visible=visible)
             return linear(ops, model.head, h).float()
 
@@ -99,8 +101,10 @@ _NONE = torch.empty(0)  # an absent weight in MLAStepPlan's flat list (the opera
 
 class MLAStepPlan:
     """The arguments of the C++ whole-step operator `mla_decode_step` for one model, flattened once (the layout
-    is documented with the operator in ops/cpu/decode_step.cpp): every layer MLA attention without biases,
-    dense MLP or DeepSeek MoE. Holds the model's Parameter objects, so that moving the model (`.to`) keeps it valid.
+    is documented with the operator in ops/cpu/decode_step.cpp) and handed to a C++ `MLAStep` that keeps them, so
+    that a step passes only its own inputs: every layer MLA attention without biases, dense MLP or DeepSeek MoE,
+    the norms in the embedding's dtype. Holds the model's Parameter objects; the C++ side is rebuilt when the
+    model's tensors were replaced (`.to`).
     """
 
     @staticmethod
@@ -113,7 +117,10 @@ class MLAStepPlan:
                 return False
             if isinstance(block.ffn, MoE) and block.ffn.token_dropping is not None:
                 return False
-        return True
+            norms = [block.attn_norm, block.ffn_norm, attn.kv_norm] + ([attn.q_norm] if attn.q_rank else [])
+            if any(n.weight.dtype != model.embed.weight.dtype for n in norms):  # the operator's activations' dtype
+                return False
+        return model.norm.weight.dtype == model.embed.weight.dtype
 
     def __init__(self, model: Transformer) -> None:
         weights, ints, floats = [], [], []
@@ -140,16 +147,31 @@ class MLAStepPlan:
         self.model = model
         self.weights, self.ints, self.floats = weights, ints, floats
         self.dims = [first.nope_dim, first.rope_dim, first.v_dim, int(first.interleaved)]
+        self._native: dict[bool, tuple[int, object]] = {}  # with the head or not -> (embedding's address, MLAStep)
+
+    def _step(self, ops, logits: bool):
+        model = self.model
+        built = self._native.get(logits)
+        if built is None or built[0] != model.embed.weight.data_ptr():  # first use, or the model's tensors moved
+            head = model.head.weight if logits else None
+            native = torch.classes.dsmoe_cpu.MLAStep(
+                self.weights, self.ints, self.floats, self.dims, model.embed.weight, model.rope.inv_freq,
+                model.rope.amplitude, model.norm.weight, model.norm.eps, head)
+            built = self._native[logits] = (model.embed.weight.data_ptr(), native)
+        return built[1]
 
     def hidden(self, ops, ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor], position: int = 0,
                slots: torch.Tensor | None = None, tables: torch.Tensor | None = None, keys: int = 0,
                visible: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, D) of one token per row: ids (B,), rope positions (B,); caches as
         mla_decode_step takes them (contiguous latents, or paged pools with slots/tables/keys)."""
-        model = self.model
-        return ops.mla_decode_step(ids, positions, model.embed.weight, model.rope.inv_freq, model.rope.amplitude,
-                                   self.weights, self.ints, self.floats, self.dims, caches, position, slots, tables,
-                                   keys, visible, model.norm.weight, model.norm.eps)
+        return self._step(ops, False).step(ids, positions, caches, position, slots, tables, keys, visible)
+
+    def logits(self, ops, ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor], position: int = 0,
+               visible: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's logits (B, V) fp32 after `hidden` over contiguous caches, in the same call (the head's output
+        rounded to the model's dtype first, as model.head's is). The head must have no bias."""
+        return self._step(ops, True).step(ids, positions, caches, position, None, None, 0, visible)
 
 
 def decode_layers(ops, model: Transformer, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:

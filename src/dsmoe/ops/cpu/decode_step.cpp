@@ -9,7 +9,7 @@
 // rounded to bf16 at the same points when the model is bf16: the step equals its slow twin,
 // dsmoe.kernel_step.decode_layers, bit for bit (tests/test_kernel_step.py).
 //
-// Arguments (dsmoe.kernel_step.MLAStepPlan flattens a model's layers once):
+// Arguments (dsmoe.kernel_step.MLAStepPlan flattens a model's layers once and keeps them in an MLAStep, below):
 //   weights: per layer kSlots tensors: attn_norm, wq_a, q_norm, wq (wq_b with q-LoRA), wkv_a, kv_norm, wkv_b, wo,
 //            ffn_norm, gate, gate_bias, w1, w2, w3, shared_w1, shared_w3, shared_w2 (absent ones: empty tensors);
 //            a dense layer's MLP is w1, w2, w3;
@@ -430,6 +430,64 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
   return out;
 }
 
+// The operands of mla_decode_step for one model, held on the C++ side (torch.classes.dsmoe_cpu.MLAStep): a decode
+// step then passes only its own inputs. Converting the ~70 weights, ints and floats of the operator's arguments
+// from Python lists took ~45 us of every call. head (V, D) given: `step` returns the logits (B, V) fp32 (rounded
+// to the activations' dtype first, as the eager head's output is), else the final-normed hidden states.
+struct MLAStep : torch::CustomClassHolder {
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> ints, dims;
+  std::vector<double> floats;
+  at::Tensor embed, inv_freq, norm;
+  c10::optional<at::Tensor> head;
+  double amplitude, norm_eps;
+
+  MLAStep(std::vector<at::Tensor> weights, std::vector<int64_t> ints, std::vector<double> floats,
+          std::vector<int64_t> dims, at::Tensor embed, at::Tensor inv_freq, double amplitude, at::Tensor norm,
+          double norm_eps, c10::optional<at::Tensor> head)
+      : weights(std::move(weights)), ints(std::move(ints)), dims(std::move(dims)), floats(std::move(floats)),
+        embed(std::move(embed)), inv_freq(std::move(inv_freq)), norm(std::move(norm)), head(std::move(head)),
+        amplitude(amplitude), norm_eps(norm_eps) {
+    if (this->head.has_value())
+      TORCH_CHECK(this->head->dim() == 2 && this->head->size(1) == this->embed.size(1) && this->head->is_contiguous() &&
+                      (this->head->scalar_type() == at::kFloat || this->head->scalar_type() == at::kBFloat16),
+                  "dsmoe_cpu.MLAStep: head ", this->head->sizes(), " must be a contiguous fp32/bf16 (V, D=",
+                  this->embed.size(1), ")");
+  }
+
+  at::Tensor step(const at::Tensor& ids, const at::Tensor& positions, std::vector<at::Tensor> caches, int64_t position,
+                  const c10::optional<at::Tensor>& slots, const c10::optional<at::Tensor>& tables, int64_t keys,
+                  const c10::optional<at::Tensor>& visible) {
+    at::Tensor h = mla_decode_step(ids, positions, embed, inv_freq, amplitude, weights, ints, floats, dims, caches,
+                                   position, slots, tables, keys, visible, norm, norm_eps);
+    if (!head.has_value()) return h;
+    const int64_t B = h.size(0), D = h.size(1), V = head->size(0);
+    std::vector<float> x(B * D);
+    with_weight(h, [&](auto* hp) {
+      for (int64_t i = 0; i < B * D; ++i) x[i] = load1(hp + i);
+    });
+    at::Tensor logits = at::empty({B, V}, at::kFloat);
+    float* out = logits.data_ptr<float>();
+    const bool half = h.scalar_type() == at::kBFloat16;
+    with_weight(*head, [&](auto* wp) {
+      at::parallel_for(0, V, grain_rows(D, head->element_size()), [&](int64_t n0, int64_t n1) {
+        dot_rows(B, wp, x.data(), D, n0, n1, out, V);
+        if (half)
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t n = n0; n < n1; ++n) out[b * V + n] = round_bf16(out[b * V + n]);
+      });
+    });
+    return logits;
+  }
+};
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dsmoe_cpu, m) {
+  m.class_<MLAStep>("MLAStep")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<int64_t>,
+                       at::Tensor, at::Tensor, double, at::Tensor, double, c10::optional<at::Tensor>>())
+      .def("step", &MLAStep::step);
+}
 
 TORCH_LIBRARY_IMPL(dsmoe_cpu, CPU, m) { m.impl("mla_decode_step", &mla_decode_step); }

@@ -174,6 +174,11 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx_in, const at::
         const W* a = w1p + (experts[u] * I) * D;
         const W* b = w3p + (experts[u] * I) * D;
         float* h = &hs[u * kMaxTokens * I];
+        if (r + kAhead < r1) {  // see prefetch_once
+          const int64_t r2 = r + kAhead, row2 = (experts[r2 / I] * I + r2 % I) * D;
+          prefetch_once(w1p + row2, D * sizeof(W));
+          prefetch_once(w3p + row2, D * sizeof(W));
+        }
         dot_rows(n, a, &xs[u * kMaxTokens * D], D, i, i + 1, h, I);
         dot_rows(n, b, &xs[u * kMaxTokens * D], D, i, i + 1, up - i, 1);
         for (int64_t j = 0; j < n; ++j) h[j * I + i] = gp[pairs[u][j]] * silu(h[j * I + i]) * up[j];
@@ -186,6 +191,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx_in, const at::
         const int64_t n = static_cast<int64_t>(pairs[u].size());
         const W* c = w2p + (experts[u] * D) * I;
         for (int64_t d = d0; d < d1; ++d) {
+          if (d + kAhead < d1) prefetch_once(c + (d + kAhead) * I, I * sizeof(W));
           dot_rows(n, c, &hs[u * kMaxTokens * I], I, d, d + 1, part - d, 1);
           for (int64_t j = 0; j < n; ++j) op[(pairs[u][j] / k) * D + d] += part[j];
         }

@@ -377,6 +377,11 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
             const int64_t u = r / I, i = r % I, n = static_cast<int64_t>(groups.picks[u].size());
             const int64_t e = groups.experts[u];
             float* hu = &hs[u * kMaxTokens * I];
+            if (r + kAhead < std::min(r1, U * I)) {  // see prefetch_once
+              const int64_t r2 = r + kAhead, row2 = (groups.experts[r2 / I] * I + r2 % I) * D;
+              prefetch_once(L.w1.shifted(row2).data, D * L.w1.itemsize);
+              prefetch_once(L.w3.shifted(row2).data, D * L.w3.itemsize);
+            }
             L.w1.shifted(e * I * D).dot(n, &xs[u * kMaxTokens * D], i, i + 1, hu, I);
             L.w3.shifted(e * I * D).dot(n, &xs[u * kMaxTokens * D], i, i + 1, up - i, 1);
             for (int64_t j = 0; j < n; ++j) hu[j * I + i] = wt[groups.picks[u][j]] * silu(hu[j * I + i]) * up[j];
@@ -398,6 +403,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
           const int64_t n = static_cast<int64_t>(groups.picks[u].size());
           const Matrix down = L.w2.shifted(groups.experts[u] * D * I);
           for (int64_t d = d0; d < d1; ++d) {
+            if (d + kAhead < d1) prefetch_once(down.shifted((d + kAhead) * I).data, I * down.itemsize);
             down.dot(n, &hs[u * kMaxTokens * I], d, d + 1, part - d, 1);
             for (int64_t j = 0; j < n; ++j) y[(groups.picks[u][j] / k) * D + d] += part[j];
           }

@@ -127,6 +127,20 @@ inline void axpy(float a, const W* w, float* y, int64_t N) {
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
+// Routed experts' weight rows are fetched ahead as non-temporal (prefetchnta): read once per step, they then pass
+// through without evicting the weights every step reads (attention, dense and shared experts, the head) from the
+// L2 and L3 caches. With bf16 weights those fit the benchmark CPU's 32 MiB L3 and decoding got ~12% faster
+// (fp32: the same speed; BENCHMARKS.md). kAhead: rows ahead of the one being read.
+constexpr int64_t kAhead = 2;
+inline void prefetch_once(const void* p, int64_t bytes) {
+#ifdef DSMOE_AVX2
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_NTA);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
 // Rows per parallel task: enough work (>= ~32 KiB of weights) that the thread pool's hand-off is noise.
 inline int64_t grain_rows(int64_t K, int64_t itemsize) { return std::max<int64_t>(1, (32768 / itemsize) / K); }
 

@@ -105,14 +105,17 @@ def bench_args(measurement: str, prefill: int, decode_tokens: int) -> list[str]:
 
 
 def ratio_table(summary: dict, dtypes: list[str]) -> list[str]:
-    """Markdown rows: measurement | per dtype dsmoe tok/s, llama.cpp tok/s, ratio."""
-    head = "| measurement | " + " | ".join(f"dsmoe {d} | llama.cpp {d} | ratio {d}" for d in dtypes) + " |"
-    rows = [head, "| --- |" + " ---: |" * (3 * len(dtypes))]
+    """Markdown rows: measurement | per dtype dsmoe tok/s, llama.cpp tok/s (medians), the ratio of the medians,
+    the median of the rounds' own ratios (paired: robust to the machine's speed drifting between rounds)."""
+    head = "| measurement | " + " | ".join(f"dsmoe {d} | llama.cpp {d} | ratio {d} | paired {d}" for d in dtypes) + " |"
+    rows = [head, "| --- |" + " ---: |" * (4 * len(dtypes))]
     for m in MEASUREMENTS:
         cells = []
         for d in dtypes:
             ours, theirs = summary[d][m]["dsmoe"], summary[d][m]["llama.cpp"]
-            cells += [f"{ours:.1f}", f"{theirs:.1f}", f"**{ours / theirs:.2f}x**"]
+            paired = summary[d][m].get("paired_ratio")
+            cells += [f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x",
+                      "" if paired is None else f"**{paired:.2f}x**"]
         rows.append(f"| {m} (tok/s) | " + " | ".join(cells) + " |")
     return rows
 
@@ -337,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     for d in args.dtypes:
         summary[d] = {m: {impl: statistics.median(x["tokens_per_s"] for x in rs) for impl, rs in v.items()}
                       for m, v in runs[d].items()}
+        for m, v in runs[d].items():  # each round's two runs are back to back: their ratio shares the machine's state
+            summary[d][m]["paired_ratio"] = statistics.median(
+                a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(v["dsmoe"], v["llama.cpp"]))
         deep = runs[d]["decode@2048"]
         summary[d]["peak_rss_bytes"] = {impl: max(x["peak_rss_bytes"] for x in rs) for impl, rs in deep.items()}
         summary[d]["dsmoe_decode_only_peak_rss_bytes"] = max(x.get("decode_peak_rss_bytes") or 0

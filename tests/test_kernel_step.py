@@ -96,10 +96,15 @@ def test_whole_step_equals_its_pieces_bitwise(preset, overrides, dtype):
     rows, and more than 128 keys so that the keys are split across threads)."""
     model = _model(preset, dtype, **overrides)
     gen = torch.Generator().manual_seed(4)
-    for lengths in ([150], [140, 9, 133]):
-        prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-        whole, pieces = _whole_and_pieces(model, prompts, 4)
-        assert torch.equal(whole, pieces)
+    threads = torch.get_num_threads()
+    try:
+        for lengths, n_threads in (([150], threads), ([140, 9, 133], threads), ([140, 9, 133], 1)):
+            torch.set_num_threads(n_threads)  # one thread: no key split, no row shares
+            prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+            whole, pieces = _whole_and_pieces(model, prompts, 4)
+            assert torch.equal(whole, pieces)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_supports_and_generate_uses_it():

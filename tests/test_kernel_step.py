@@ -179,8 +179,8 @@ def test_paged_decode_through_kernels_equals_module_path(preset):
 
 
 def test_step_plan_follows_the_model_to_another_dtype():
-    """MLAStepPlan keeps its operands on the C++ side; after model.to(...) replaced the tensors it rebuilds them
-    (a stale copy would read freed or fp32 memory as bf16)."""
+    """MLAStepPlan keeps its operands on the C++ side; after model.to(...) replaced the tensors (the router's bias
+    buffer included) it flattens them again: its logits are a fresh plan's, also after the bias changed in place."""
     model = _model("tiny-v3")
     plan = MLAStepPlan(model)
     ops = kernels()
@@ -191,6 +191,33 @@ def test_step_plan_follows_the_model_to_another_dtype():
         caches = [model.make_cache(1, 4).layers[i].latent for i in range(2)]
         after = plan.logits(ops, ids, positions, caches, 0)
         fresh = MLAStepPlan(model).logits(ops, ids, positions, [c.zero_() for c in caches], 0)
+        assert torch.equal(after, fresh)
+        torch.testing.assert_close(after, before, atol=0.1, rtol=0.05)  # the same model, rounded to bf16
+        model.layers[1].ffn.gate.bias.add_(torch.linspace(-0.5, 0.5, model.config.n_routed_experts))  # in place
+        after = plan.logits(ops, ids, positions, [c.zero_() for c in caches], 0)
+        fresh = MLAStepPlan(model).logits(ops, ids, positions, [c.zero_() for c in caches], 0)
+        assert torch.equal(after, fresh)
     assert before.dtype == after.dtype == torch.float32
-    assert torch.equal(after, fresh)
-    torch.testing.assert_close(after, before, atol=0.1, rtol=0.05)
+
+
+def test_whole_step_refuses_inputs_outside_its_buffers():
+    """Slots, block tables and keys that would read or write outside the paged pool, and too few rope positions,
+    are errors that name the culprit (the C++ would otherwise touch memory it does not own)."""
+    model = _model("tiny-v3")
+    plan, ops = MLAStepPlan(model), kernels()
+    W = model.config.kv_lora_rank + model.config.qk_rope_head_dim
+    NB, P = 4, 4
+    pools = [torch.zeros(NB, P, W) for _ in model.layers]
+    one, zero = torch.tensor([5]), torch.tensor([0])
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="slot 16 is outside the pool of 16"):
+            plan.hidden(ops, one, zero, pools, 0, torch.tensor([NB * P]), torch.tensor([[0]]), 1)
+        with pytest.raises(RuntimeError, match="block table names block 4 of 4"):
+            plan.hidden(ops, one, zero, pools, 0, zero, torch.tensor([[NB]]), 1)
+        with pytest.raises(RuntimeError, match="24 keys but the block tables cover 4"):
+            plan.hidden(ops, one, zero, pools, 0, zero, torch.tensor([[0]]), 6 * P)
+        with pytest.raises(RuntimeError, match="1 rope positions for 3 rows"):
+            cache = model.make_cache(3, 8)
+            plan.hidden(ops, torch.tensor([5, 6, 7]), zero, [c.latent for c in cache.layers[:2]], 0)
+        with pytest.raises(RuntimeError, match="layer 1's cache"):
+            plan.hidden(ops, one, zero, [pools[0], torch.zeros(NB + 1, P, W)], 0, zero, torch.tensor([[0]]), 1)

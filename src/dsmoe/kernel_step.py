@@ -103,8 +103,10 @@ class MLAStepPlan:
     """The arguments of the C++ whole-step operator `mla_decode_step` for one model, flattened once (the layout
     is documented with the operator in ops/cpu/decode_step.cpp) and handed to a C++ `MLAStep` that keeps them, so
     that a step passes only its own inputs: every layer MLA attention without biases, dense MLP or DeepSeek MoE,
-    the norms in the embedding's dtype. Holds the model's Parameter objects; the C++ side is rebuilt when the
-    model's tensors were replaced (`.to`).
+    the norms in the embedding's dtype. In-place changes to the weights (an optimizer step, the router's bias
+    updates) are seen by the next step. When the model's tensors are replaced (`model.to(...)`, which also replaces
+    buffers such as the router's bias) the lists are flattened again; the check looks at the embedding and the
+    head only, so after replacing other parameters (`load_state_dict(..., assign=True)`) build a new plan.
     """
 
     @staticmethod
@@ -123,6 +125,16 @@ class MLAStepPlan:
         return model.norm.weight.dtype == model.embed.weight.dtype
 
     def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self._native: dict[bool, object] = {}  # with the head or not -> MLAStep
+        self._flatten()
+
+    def _key(self) -> tuple[int, ...]:
+        embed, head = self.model.embed.weight, self.model.head.weight
+        return id(embed), embed.data_ptr(), id(head), head.data_ptr()
+
+    def _flatten(self) -> None:
+        model = self.model
         weights, ints, floats = [], [], []
         for block in model.layers:
             attn, ffn = block.attn, block.ffn
@@ -144,21 +156,21 @@ class MLAStepPlan:
             floats += [block.attn_norm.eps, attn.q_norm.eps if lora else 1e-6, attn.kv_norm.eps, block.ffn_norm.eps,
                        float(attn.scale), scaling]
         first = model.layers[0].attn
-        self.model = model
         self.weights, self.ints, self.floats = weights, ints, floats
         self.dims = [first.nope_dim, first.rope_dim, first.v_dim, int(first.interleaved)]
-        self._native: dict[bool, tuple[int, object]] = {}  # with the head or not -> (embedding's address, MLAStep)
+        self._native.clear()  # MLASteps built from the previous tensors
+        self._flattened = self._key()
 
     def _step(self, ops, logits: bool):
-        model = self.model
-        built = self._native.get(logits)
-        if built is None or built[0] != model.embed.weight.data_ptr():  # first use, or the model's tensors moved
-            head = model.head.weight if logits else None
-            native = torch.classes.dsmoe_cpu.MLAStep(
+        if self._key() != self._flattened:  # the model's tensors were replaced (.to): flatten them again
+            self._flatten()
+        native = self._native.get(logits)
+        if native is None:
+            model = self.model
+            native = self._native[logits] = torch.classes.dsmoe_cpu.MLAStep(
                 self.weights, self.ints, self.floats, self.dims, model.embed.weight, model.rope.inv_freq,
-                model.rope.amplitude, model.norm.weight, model.norm.eps, head)
-            built = self._native[logits] = (model.embed.weight.data_ptr(), native)
-        return built[1]
+                model.rope.amplitude, model.norm.weight, model.norm.eps, model.head.weight if logits else None)
+        return native
 
     def hidden(self, ops, ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor], position: int = 0,
                slots: torch.Tensor | None = None, tables: torch.Tensor | None = None, keys: int = 0,

@@ -62,6 +62,15 @@ struct Matrix {
   }
 };
 
+// A weight the step reads: contiguous fp32 or bf16 of these sizes (a size of -1: any), else an error naming it.
+void check_weight(const char* op, int64_t layer, const char* name, const at::Tensor& t, at::IntArrayRef sizes) {
+  bool fits = t.dim() == static_cast<int64_t>(sizes.size());
+  for (size_t i = 0; fits && i < sizes.size(); ++i) fits = sizes[i] < 0 || t.size(i) == sizes[i];
+  TORCH_CHECK(fits && t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16), op,
+              ": layer ", layer, "'s ", name, " is ", t.sizes(), " ", t.scalar_type(),
+              (t.is_contiguous() ? "" : " (not contiguous)"), "; expected a contiguous fp32/bf16 ", sizes);
+}
+
 // One layer's operands, read out of the flat lists once per call.
 struct Layer {
   Matrix attn_norm, wq_a, q_norm, wq, wkv_a, kv_norm, wkv_b, wo, ffn_norm, gate, w1, w2, w3, sw1, sw3, sw2;
@@ -92,6 +101,9 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
   const bool interleaved = dims[3] != 0;
   const int64_t B = ids_in.size(0), D = embed.size(1);
   TORCH_CHECK(B >= 1 && B <= kMaxTokens, op, ": at most ", kMaxTokens, " rows, got ", B);
+  TORCH_CHECK(positions.numel() == B, op, ": ", positions.numel(), " rope positions for ", B, " rows");
+  TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous() && norm.dim() == 1 && norm.size(0) == D && norm.is_contiguous(),
+              op, ": embedding ", embed.sizes(), " and final norm ", norm.sizes(), " must be contiguous (V, D) and (D,)");
   TORCH_CHECK(embed.scalar_type() == at::kFloat || embed.scalar_type() == at::kBFloat16, op,
               ": the embedding must be float32 or bfloat16, got ", embed.scalar_type());
   const auto act_type = embed.scalar_type();
@@ -119,6 +131,19 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
     tables = tables_in->to(at::kLong).contiguous();
     TORCH_CHECK(slots.numel() == B && tables.dim() == 2 && tables.size(0) == B, op, ": slots ", slots.sizes(),
                 " and tables ", tables.sizes(), " must be (B=", B, ",) and (B, K)");
+    TORCH_CHECK(!caches.empty() && caches[0].dim() == 3, op, ": a paged step needs (NB, P, W) pools");
+    const int64_t blocks = caches[0].size(0), page = caches[0].size(1);
+    TORCH_CHECK(keys <= tables.size(1) * page, op, ": ", keys, " keys but the block tables cover ",
+                tables.size(1) * page);
+    const int64_t* sp = slots.data_ptr<int64_t>();
+    const int64_t* tp = tables.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(sp[b] >= 0 && sp[b] < blocks * page, op, ": row ", b, "'s slot ", sp[b], " is outside the pool of ",
+                  blocks * page);
+      for (int64_t j = 0; j < (keys + page - 1) / page; ++j)
+        TORCH_CHECK(tp[b * tables.size(1) + j] >= 0 && tp[b * tables.size(1) + j] < blocks, op, ": row ", b,
+                    "'s block table names block ", tp[b * tables.size(1) + j], " of ", blocks);
+    }
   }
   const int64_t S = paged ? keys : position + 1;
   TORCH_CHECK(S >= 1, op, ": no keys to attend to (position ", position, ", keys ", keys, ")");
@@ -139,6 +164,18 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
     y.shared = y.moe && in[2] != 0;
     for (int s : {0, 5, 8}) TORCH_CHECK(w[s].scalar_type() == act_type, op, ": layer ", l, "'s norm weights must be ", act_type);
     if (y.lora) TORCH_CHECK(w[2].scalar_type() == act_type, op, ": layer ", l, "'s q_norm must be ", act_type);
+    check_weight(op, l, "attn_norm", w[0], {D});
+    check_weight(op, l, "ffn_norm", w[8], {D});
+    if (y.lora) {
+      check_weight(op, l, "wq_a", w[1], {-1, D});
+      check_weight(op, l, "q_norm", w[2], {w[1].size(0)});
+    }
+    check_weight(op, l, y.lora ? "wq_b" : "wq", w[3], {-1, y.lora ? w[1].size(0) : D});
+    check_weight(op, l, "wkv_a", w[4], {-1, D});
+    check_weight(op, l, "wkv_b", w[6], {-1, -1});
+    check_weight(op, l, "wo", w[7], {D, -1});
+    TORCH_CHECK(w[4].size(0) > R, op, ": layer ", l, "'s wkv_a has ", w[4].size(0), " rows for rope_dim ", R);
+    check_weight(op, l, "kv_norm", w[5], {w[4].size(0) - R});
     y.attn_norm = Matrix(w[0]);
     y.wq_a = y.lora ? Matrix(w[1]) : Matrix();
     y.q_norm = y.lora ? Matrix(w[2]) : Matrix();
@@ -161,6 +198,8 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
                     w[7].size(0) == D && w[4].size(1) == D && (!y.lora || w[3].size(1) == y.Rq),
                 op, ": layer ", l, "'s attention weights do not fit (wkv_b ", w[6].sizes(), ", wo ", w[7].sizes(), ")");
     const at::Tensor& cache = caches[l];
+    TORCH_CHECK(cache.sizes() == caches[0].sizes(), op, ": layer ", l, "'s cache ", cache.sizes(), " differs from layer 0's ",
+                caches[0].sizes());
     TORCH_CHECK(cache.dim() == 3 && cache.size(2) == Wd && cache.is_contiguous() && cache.scalar_type() == act_type,
                 op, ": layer ", l, "'s cache ", cache.sizes(), " must be a contiguous ", act_type, " (", paged ? "NB, P" : "B, L",
                 ", ", Wd, ")");
@@ -169,6 +208,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
                   " is outside layer ", l, "'s cache ", cache.sizes());
     y.cache = static_cast<const char*>(cache.data_ptr());
     if (y.moe) {
+      check_weight(op, l, "gate", w[9], {-1, D});
       y.gate = Matrix(w[9]);
       if (w[10].numel()) {
         TORCH_CHECK(w[10].numel() == w[9].size(0), op, ": layer ", l, "'s gate bias has ", w[10].numel(),
@@ -184,13 +224,22 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
       TORCH_CHECK(w[11].dim() == 3 && w[11].sizes() == w[13].sizes() && w[11].size(0) == y.E && w[11].size(2) == D &&
                       w[12].dim() == 3 && w[12].size(0) == y.E && w[12].size(1) == D && w[12].size(2) == y.I,
                   op, ": layer ", l, "'s expert weights w1 ", w[11].sizes(), ", w2 ", w[12].sizes(), " do not fit");
+      for (int s : {11, 12, 13}) check_weight(op, l, "expert weights", w[s], {y.E, -1, -1});
       y.w1 = Matrix(w[11]), y.w2 = Matrix(w[12]), y.w3 = Matrix(w[13]);
       y.Is = y.shared ? w[14].size(0) : 0;
+      if (y.shared) {
+        check_weight(op, l, "shared w1", w[14], {y.Is, D});
+        check_weight(op, l, "shared w3", w[15], {y.Is, D});
+        check_weight(op, l, "shared w2", w[16], {D, y.Is});
+      }
       if (y.shared) y.sw1 = Matrix(w[14]), y.sw3 = Matrix(w[15]), y.sw2 = Matrix(w[16]);
       max_e = std::max(max_e, y.E);
       max_picks_i = std::max(max_picks_i, B * y.rule.top_k * y.I);
       max_is = std::max(max_is, y.Is);
     } else {
+      check_weight(op, l, "w1", w[11], {-1, D});
+      check_weight(op, l, "w3", w[13], w[11].sizes());
+      check_weight(op, l, "w2", w[12], {D, w[11].size(0)});
       y.w1 = Matrix(w[11]), y.w2 = Matrix(w[12]), y.w3 = Matrix(w[13]);
       y.F = w[11].size(0);
       TORCH_CHECK(w[11].size(1) == D && w[12].size(0) == D && w[12].size(1) == y.F, op, ": layer ", l,
@@ -227,7 +276,10 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
   {
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<float> h(B * D), qn(B * std::max<int64_t>(max_rq, 1)), row(Wd), head(R), o(C),
-        scores(max_h * ((S + chunks - 1) / chunks)), xs;
+        scores(max_h * ((S + chunks - 1) / chunks));
+    // each picked expert's tokens, gathered (U, kMaxTokens, D); only the rows in use are written and read
+    std::unique_ptr<float[]> xs_buf;
+    int64_t xs_cap = 0;
     std::vector<float> wt;
     std::vector<int64_t> ix;
     for (int64_t l = 0; l < nl; ++l) {
@@ -364,7 +416,8 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
       for (int64_t b = 0; b < B; ++b) select_experts(&logits[b * L.E], L.E, L.gate_bias, L.rule, &wt[b * k], &ix[b * k]);
       const ExpertGroups groups(ix.data(), B * k);
       const int64_t U = static_cast<int64_t>(groups.experts.size()), I = L.I;
-      xs.resize(U * kMaxTokens * D);  // each picked expert's tokens, gathered
+      if (xs_cap < U * kMaxTokens * D) xs_buf.reset(new float[xs_cap = U * kMaxTokens * D]);
+      float* xs = xs_buf.get();
       for (int64_t u = 0; u < U; ++u)
         for (size_t j = 0; j < groups.picks[u].size(); ++j)
           std::memcpy(&xs[(u * kMaxTokens + j) * D], &h[(groups.picks[u][j] / k) * D], D * sizeof(float));

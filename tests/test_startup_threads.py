@@ -15,6 +15,8 @@ from dsmoe import _startup
     (["python", "-m", "dsmoe", "generate", "--model", "m"], "active"),
     (["python", "-m", "dsmoe", "serve", "--model", "m"], None),  # a server's idle threads must not spin
     (["python", "script.py", "generate"], None),  # a library user's program is left alone
+    (["python3", "/usr/bin/dsmoe", "serve", "--served-model-name", "generate"], None),  # the subcommand only, not any word
+    (["python3", "/usr/bin/dsmoe", "generate", "--model", "m"], "active"),
 ])
 def test_policy_set_for_generate_only(monkeypatch, argv, expected):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)

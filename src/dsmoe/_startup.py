@@ -18,15 +18,21 @@ EXIT_INTERRUPTED = 130
 SPINNING_COMMANDS = ("generate",)
 
 
-def running_as_command() -> bool:
-    """True under `python -m dsmoe ...` (torchrun included) or the `dsmoe` console script."""
+def command_arguments() -> list[str] | None:
+    """The arguments after `dsmoe` when this process is `python -m dsmoe ...` (torchrun included) or the `dsmoe`
+    console script, else None."""
     argv = getattr(sys, "orig_argv", None) or []
     for i, arg in enumerate(argv[1:], start=1):
         if arg == "-m":
-            return i + 1 < len(argv) and argv[i + 1] == "dsmoe"
+            return argv[i + 2:] if i + 1 < len(argv) and argv[i + 1] == "dsmoe" else None
         if not arg.startswith("-"):  # the script: the console script is named dsmoe
-            return os.path.basename(arg) in ("dsmoe", "dsmoe.exe")
-    return False
+            return argv[i + 1:] if os.path.basename(arg) in ("dsmoe", "dsmoe.exe") else None
+    return None
+
+
+def running_as_command() -> bool:
+    """True under `python -m dsmoe ...` (torchrun included) or the `dsmoe` console script."""
+    return command_arguments() is not None
 
 
 @contextmanager
@@ -62,8 +68,9 @@ def spin_openmp_threads_for_decoding() -> None:
     wake: a bf16 step of the benchmark model took 3.26 ms by default, 2.79 ms with active waiting (6.8 ms
     with passive). llama.cpp's threads spin the same way by default. Only the short-lived generate command
     gets it: a server or a library user's process would keep its idle threads spinning."""
-    if not running_as_command() or "OMP_WAIT_POLICY" in os.environ:
+    args = command_arguments()
+    if args is None or "OMP_WAIT_POLICY" in os.environ:
         return
-    argv = getattr(sys, "orig_argv", None) or sys.argv
-    if any(arg in SPINNING_COMMANDS for arg in argv):
+    subcommand = next((arg for arg in args if not arg.startswith("-")), None)  # the first word after dsmoe
+    if subcommand in SPINNING_COMMANDS:
         os.environ["OMP_WAIT_POLICY"] = "active"

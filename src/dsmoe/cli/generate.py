@@ -102,7 +102,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if model.embed.weight.device.type == "cpu":
         from ..ops.cpu_kernels import kernels
 
-        kernels()  # built (once per machine, ~30 s) or loaded before the clock starts: tokens/s is decoding only
+        kernels()  # built (once per machine, ~45 s) or loaded before the clock starts: tokens/s is decoding only
     began = time.perf_counter()
     new: list[int] = []
     shown = ""

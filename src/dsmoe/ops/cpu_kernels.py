@@ -6,7 +6,7 @@ the layer pieces and mla_decode_step) or None where they cannot be built
 operators, which compute the same thing (tests/test_cpu_kernels.py holds each kernel against them).
 The build goes through torch.utils.cpp_extension with -O3 -march=native into torch's extension cache
 (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); the name carries a hash of the source and of this
-CPU's flags, so a change of either rebuilds. The first build takes ~30 s on 2 cores; later loads ~0.1 s.
+CPU's flags, so a change of either rebuilds. The first build takes ~45 s on 2 cores (a line on stderr says so); later loads ~0.2 s.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,8 +86,9 @@ def kernels():
     with _lock:
         if "ops" not in _state:
             _state["ops"], _state["reason"] = _load()
-            if _state["ops"] is None:
-                log.info("dsmoe CPU decode kernels unavailable (%s); using PyTorch operators", _state["reason"])
+            if _state["ops"] is None and _state["reason"] != "DSMOE_CPU_KERNELS=0":  # asked for: no news
+                log.warning("dsmoe CPU decode kernels unavailable (%s); decoding on the CPU uses PyTorch's "
+                            "operators, several times slower", _state["reason"])
     return _state["ops"]
 
 
@@ -105,13 +107,24 @@ def _load():
 
         # -ffp-contract=off: no silent fused multiply-adds, so that the operators and the whole step, compiled
         # separately, round alike (the step is tested bitwise against the operators)
-        cpp_extension.load(name=_build_name(), sources=[str(path) for path in SOURCES], is_python_module=False,
+        name = _build_name()
+        if not _already_built(cpp_extension, name):  # a silent ~45 s would look like a hang
+            print("dsmoe: building the CPU decode kernels (once per machine and torch version, ~45 s on 2 cores)",
+                  file=sys.stderr, flush=True)
+        cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a build error: the PyTorch path still works
         return None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
     _register_fakes()
     return torch.ops.dsmoe_cpu, None
+
+
+def _already_built(cpp_extension, name: str) -> bool:
+    try:
+        return (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:  # a private helper of torch's: if it changes, only the announcement is lost
+        return True
 
 
 def _register_fakes() -> None:

@@ -74,7 +74,7 @@ class ModelRunner:
                              f"({param.dtype}, {param.device}) differ in dtype or device")
         self.model, self.pool = model, pool
         self.device = param.device
-        if self.device.type == "cpu":  # built (once per machine, ~30 s) or loaded now, not at the first request
+        if self.device.type == "cpu":  # built (once per machine, ~45 s) or loaded now, not at the first request
             kernels()
         # the flattened weights of the whole-step CPU operator (kernel_step.MLAStepPlan), for MLA models
         self._plan = (MLAStepPlan(model) if self.device.type == "cpu" and pool.layers and len(pool.layers[0]) == 1

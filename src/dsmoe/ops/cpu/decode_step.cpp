@@ -1,8 +1,9 @@
 // The whole decode step of an MLA model in one OpenMP parallel region: dsmoe_cpu.mla_decode_step (issue 16).
 //
 // Composed from the operators (mla_project, mla_decode, linear, moe_block), a step of the benchmark's 4-layer
-// model ran ~40 parallel regions and ~150 ATen allocations and views; at batch 1 their fixed costs, and threads
-// starting and stopping around small matrices, left the memory bus idle for a sixth of the step. Here the
+// model ran ~40 parallel regions and ~150 ATen allocations and views; at batch 1 the attention's small matrices
+// (q and KV projections, W_UK / W_UV) streamed at half the bandwidth the large ones reach, the threads starting
+// and stopping around a few hundred KiB each time. Here the
 // threads enter one region for the whole step and meet at a barrier between dependent stages (9 per MoE layer);
 // small per-row work (norms, rope, the expert choice) is done by every thread for itself instead of handed over.
 // Every number comes from the same arithmetic (kernel_math.h) in the same order as the operators' composition,

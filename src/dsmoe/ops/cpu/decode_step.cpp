@@ -283,39 +283,49 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
     int64_t xs_cap = 0;
     std::vector<float> wt;
     std::vector<int64_t> ix;
+    // out[b] = act(RMSNorm(in[b]) with weight w) for every row b (each thread for itself: no barrier)
+    auto norm_rows = [&](const Matrix& w, const float* in, int64_t width, double eps, float* out) {
+      for (int64_t b = 0; b < B; ++b) {
+        w.rms(in + b * width, width, eps, half, out + b * width);
+        for (int64_t i = 0; i < width; ++i) out[b * width + i] = act(out[b * width + i]);
+      }
+    };
+    // out[b, n] = act(w[n] . in[b]) for rows [n0, n1) of w, out rows `stride` wide
+    auto project = [&](const Matrix& w, const float* in, int64_t n0, int64_t n1, float* out, int64_t stride) {
+      w.dot(B, in, n0, n1, out, stride);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t n = n0; n < n1; ++n) out[b * stride + n] = act(out[b * stride + n]);
+    };
+    // out[b, n] = act(silu(w1[n] . h[b]) * (w3[n] . h[b])) for row n of a SwiGLU MLP `width` wide
+    auto swiglu_row = [&](const Matrix& w1, const Matrix& w3, int64_t n, float* out, int64_t width) {
+      float up[kMaxTokens];
+      w1.dot(B, h.data(), n, n + 1, out, width);
+      w3.dot(B, h.data(), n, n + 1, up - n, 1);
+      for (int64_t b = 0; b < B; ++b) out[b * width + n] = act(silu(out[b * width + n]) * up[b]);
+    };
+    // x += w(in): this thread's share of x's D columns, rounded as the eager step's residual add
+    auto add_projection = [&](const Matrix& w, const float* in) {
+      auto [d0, d1] = share(D, t, nt);
+      w.dot(B, in, d0, d1, y.data(), D);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t d = d0; d < d1; ++d) x[b * D + d] = act(x[b * D + d] + act(y[b * D + d]));
+    };
     for (int64_t l = 0; l < nl; ++l) {
       const Layer& L = layers[l];
       const int64_t H = L.H;
       // ---- attention input: h = attn_norm(x); [wq_a | wkv_a] (or [wq | wkv_a]) rows shared out ----
-      for (int64_t b = 0; b < B; ++b) {
-        L.attn_norm.rms(&x[b * D], D, L.attn_eps, half, &h[b * D]);
-        for (int64_t d = 0; d < D; ++d) h[b * D + d] = act(h[b * D + d]);
-      }
+      norm_rows(L.attn_norm, x.data(), D, L.attn_eps, h.data());
       const Matrix& first = L.lora ? L.wq_a : L.wq;
       float* first_out = L.lora ? qa.data() : q.data();
       const int64_t n1 = L.lora ? L.Rq : L.Qw;
       auto [a0, a1] = share(n1 + Wd, t, nt);
-      if (a0 < n1) {
-        first.dot(B, h.data(), a0, std::min(a1, n1), first_out, n1);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t n = a0; n < std::min(a1, n1); ++n) first_out[b * n1 + n] = act(first_out[b * n1 + n]);
-      }
-      if (a1 > n1) {
-        const int64_t k0 = std::max(a0, n1) - n1, k1 = a1 - n1;
-        L.wkv_a.dot(B, h.data(), k0, k1, kv.data(), Wd);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t n = k0; n < k1; ++n) kv[b * Wd + n] = act(kv[b * Wd + n]);
-      }
+      if (a0 < n1) project(first, h.data(), a0, std::min(a1, n1), first_out, n1);
+      if (a1 > n1) project(L.wkv_a, h.data(), std::max(a0, n1) - n1, a1 - n1, kv.data(), Wd);
 #pragma omp barrier
       if (L.lora) {  // q = wq_b(q_norm(wq_a h))
-        for (int64_t b = 0; b < B; ++b) {
-          L.q_norm.rms(&qa[b * L.Rq], L.Rq, L.q_eps, half, &qn[b * L.Rq]);
-          for (int64_t i = 0; i < L.Rq; ++i) qn[b * L.Rq + i] = act(qn[b * L.Rq + i]);
-        }
+        norm_rows(L.q_norm, qa.data(), L.Rq, L.q_eps, qn.data());
         auto [q0, q1] = share(L.Qw, t, nt);
-        L.wq.dot(B, qn.data(), q0, q1, q.data(), L.Qw);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t n = q0; n < q1; ++n) q[b * L.Qw + n] = act(q[b * L.Qw + n]);
+        project(L.wq, qn.data(), q0, q1, q.data(), L.Qw);
       }
       // ---- the new latent row [kv_norm(c_kv) | rope(k_pe)], written by thread 0 ----
       if (t == 0) {
@@ -374,34 +384,15 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
         }
       }
 #pragma omp barrier
-      // ---- x += wo(attention) ----
-      {
-        auto [d0, d1] = share(D, t, nt);
-        L.wo.dot(B, ao.data(), d0, d1, y.data(), D);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t d = d0; d < d1; ++d) x[b * D + d] = act(x[b * D + d] + act(y[b * D + d]));
-      }
+      add_projection(L.wo, ao.data());  // x += wo(attention)
 #pragma omp barrier
       // ---- the FFN: h = ffn_norm(x) ----
-      for (int64_t b = 0; b < B; ++b) {
-        L.ffn_norm.rms(&x[b * D], D, L.ffn_eps, half, &h[b * D]);
-        for (int64_t d = 0; d < D; ++d) h[b * D + d] = act(h[b * D + d]);
-      }
+      norm_rows(L.ffn_norm, x.data(), D, L.ffn_eps, h.data());
       if (!L.moe) {  // x += w2(silu(w1 h) * w3 h)
-        {
-          auto [f0, f1] = share(L.F, t, nt);
-          float up[kMaxTokens];
-          for (int64_t f = f0; f < f1; ++f) {
-            L.w1.dot(B, h.data(), f, f + 1, sh.data(), L.F);
-            L.w3.dot(B, h.data(), f, f + 1, up - f, 1);
-            for (int64_t b = 0; b < B; ++b) sh[b * L.F + f] = act(silu(sh[b * L.F + f]) * up[b]);
-          }
-        }
+        auto [f0, f1] = share(L.F, t, nt);
+        for (int64_t f = f0; f < f1; ++f) swiglu_row(L.w1, L.w3, f, sh.data(), L.F);
 #pragma omp barrier
-        auto [d0, d1] = share(D, t, nt);
-        L.w2.dot(B, sh.data(), d0, d1, y.data(), D);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t d = d0; d < d1; ++d) x[b * D + d] = act(x[b * D + d] + act(y[b * D + d]));
+        add_projection(L.w2, sh.data());
 #pragma omp barrier
         continue;
       }
@@ -440,10 +431,7 @@ at::Tensor mla_decode_step(const at::Tensor& ids_in, const at::Tensor& positions
             L.w3.shifted(e * I * D).dot(n, &xs[u * kMaxTokens * D], i, i + 1, up - i, 1);
             for (int64_t j = 0; j < n; ++j) hu[j * I + i] = wt[groups.picks[u][j]] * silu(hu[j * I + i]) * up[j];
           } else {
-            const int64_t i = r - U * I;
-            L.sw1.dot(B, h.data(), i, i + 1, sh.data(), L.Is);
-            L.sw3.dot(B, h.data(), i, i + 1, up - i, 1);
-            for (int64_t b = 0; b < B; ++b) sh[b * L.Is + i] = act(silu(sh[b * L.Is + i]) * up[b]);
+            swiglu_row(L.sw1, L.sw3, r - U * I, sh.data(), L.Is);
           }
         }
       }
@@ -521,23 +509,11 @@ struct MLAStep : torch::CustomClassHolder {
     at::Tensor h = mla_decode_step(ids, positions, embed, inv_freq, amplitude, weights, ints, floats, dims, caches,
                                    position, slots, tables, keys, visible, norm, norm_eps);
     if (!head.has_value()) return h;
-    const int64_t B = h.size(0), D = h.size(1), V = head->size(0);
-    std::vector<float> x(B * D);
-    with_weight(h, [&](auto* hp) {
-      for (int64_t i = 0; i < B * D; ++i) x[i] = load1(hp + i);
-    });
-    at::Tensor logits = at::empty({B, V}, at::kFloat);
-    float* out = logits.data_ptr<float>();
-    const bool half = h.scalar_type() == at::kBFloat16;
-    with_weight(*head, [&](auto* wp) {
-      at::parallel_for(0, V, grain_rows(D, head->element_size()), [&](int64_t n0, int64_t n1) {
-        dot_rows(B, wp, x.data(), D, n0, n1, out, V);
-        if (half)
-          for (int64_t b = 0; b < B; ++b)
-            for (int64_t n = n0; n < n1; ++n) out[b * V + n] = round_bf16(out[b * V + n]);
-      });
-    });
-    return logits;
+    // the head as the eager step computes it: dsmoe_cpu.linear (its output in h's dtype), then widened
+    static const auto linear = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("dsmoe_cpu::linear", "")
+                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+    return linear.call(h, *head).to(at::kFloat);
   }
 };
 

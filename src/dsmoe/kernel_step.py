@@ -75,11 +75,8 @@ class KernelDecodeStep:
             visible[:, position] = True
         caches = self.cache.layers
         if self.plan is not None:
-            latents = [c.latent for c in caches[:len(model.layers)]]
-            if model.head.bias is None:  # the head in the same C++ call
-                return self.plan.logits(ops, token.view(-1), positions.view(-1), latents, position, visible)
-            h = self.plan.hidden(ops, token.view(-1), positions.view(-1), latents, position, visible=visible)
-            return linear(ops, model.head, h).float()
+            latents = [c.latent for c in caches[:len(model.layers)]]  # the head in the same C++ call
+            return self.plan.logits(ops, token.view(-1), positions.view(-1), latents, position, visible)
 
         def attend(i: int, attn, q: torch.Tensor, new: tuple[torch.Tensor, ...]) -> torch.Tensor:
             if isinstance(attn, MLAttention):
@@ -182,7 +179,7 @@ class MLAStepPlan:
     def logits(self, ops, ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor], position: int = 0,
                visible: torch.Tensor | None = None) -> torch.Tensor:
         """The head's logits (B, V) fp32 after `hidden` over contiguous caches, in the same call (the head's output
-        rounded to the model's dtype first, as model.head's is). The head must have no bias."""
+        rounded to the model's dtype first, as model.head's is; dsmoe's head has no bias)."""
         return self._step(ops, True).step(ids, positions, caches, position, None, None, 0, visible)
 
 

@@ -1,12 +1,13 @@
-"""The small-batch CPU decode kernels (ops/cpu/decode_kernels.cpp), compiled on first use.
+"""The small-batch CPU decode kernels (ops/cpu/: decode_kernels.cpp, decode_step.cpp), compiled on first use.
 
 `kernels()` returns torch.ops.dsmoe_cpu (linear, swiglu, moe_experts, mla_decode, rms_norm, rope, route,
 the layer pieces and mla_decode_step) or None where they cannot be built
 (no C++ compiler or ninja, a build error, or DSMOE_CPU_KERNELS=0): callers then keep PyTorch's own
 operators, which compute the same thing (tests/test_cpu_kernels.py holds each kernel against them).
 The build goes through torch.utils.cpp_extension with -O3 -march=native into torch's extension cache
-(~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); the name carries a hash of the source and of this
-CPU's flags, so a change of either rebuilds. The first build takes ~45 s on 2 cores (a line on stderr says so); later loads ~0.2 s.
+(~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); the name carries a hash of the sources and of this
+CPU's flags, so a change of either rebuilds. The first build takes ~45 s on 2 cores (a line on stderr says so);
+later loads ~0.2 s.
 """
 
 from __future__ import annotations
@@ -105,12 +106,12 @@ def _load():
     try:
         from torch.utils import cpp_extension
 
-        # -ffp-contract=off: no silent fused multiply-adds, so that the operators and the whole step, compiled
-        # separately, round alike (the step is tested bitwise against the operators)
         name = _build_name()
         if not _already_built(cpp_extension, name):  # a silent ~45 s would look like a hang
             print("dsmoe: building the CPU decode kernels (once per machine and torch version, ~45 s on 2 cores)",
                   file=sys.stderr, flush=True)
+        # -ffp-contract=off: no silent fused multiply-adds, so that the operators and the whole step, compiled
+        # separately, round alike (the step is tested bitwise against the operators)
         cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                            extra_ldflags=["-fopenmp"], verbose=False)

@@ -19,8 +19,9 @@ def _model(preset: str, dtype=torch.float32, **overrides) -> dsmoe.Transformer:
     return dsmoe.Transformer(config).to(dtype).eval()
 
 
-def _steps(model, prompts, steps, fast):
-    """Per-step logits (B, steps, V) of greedy decoding after left-padded prompts, by either step."""
+def _steps(model, prompts, steps, fast, whole=True):
+    """Per-step logits (B, steps, V) of greedy decoding after left-padded prompts, by either step; whole=False:
+    the kernel step of an MLA model without its one-call operator (the layer pieces, decode_layers)."""
     from dsmoe.generate import _batch_prompts
 
     ids, pad = _batch_prompts(prompts)
@@ -30,6 +31,9 @@ def _steps(model, prompts, steps, fast):
     with torch.no_grad(), cpu_kernels(fast):
         logits = model(ids, cache=cache, pad=pad)[:, -1]
         step = KernelDecodeStep(model, cache, pad) if fast else None
+        if fast and not whole:
+            assert step.plan is not None
+            step.plan = None
         for s in range(steps):
             seen.append(logits.float())
             token = logits.argmax(-1)
@@ -62,31 +66,6 @@ def test_kernel_step_without_q_lora_and_in_bf16():
     assert kl.item() < 1e-3
 
 
-def _whole_and_pieces(model, prompts, steps):
-    """Per-step logits of greedy decoding by the one-call step (mla_decode_step) and by its slow twin, the same
-    kernels called layer piece by layer piece (decode_layers), each over its own copy of the prefilled cache."""
-    from dsmoe.generate import _batch_prompts
-
-    ids, pad = _batch_prompts(prompts)
-    B, T = ids.shape
-    runs = []
-    for whole in (True, False):
-        cache = model.make_cache(B, T + steps)
-        with torch.no_grad():
-            logits = model(ids, cache=cache, pad=pad)[:, -1]
-            step = KernelDecodeStep(model, cache, pad)
-            assert step.plan is not None
-            if not whole:
-                step.plan = None
-            seen = []
-            for s in range(steps):
-                token = logits.argmax(-1)
-                logits = step(token, T + s)
-                seen.append(logits)
-        runs.append(torch.stack(seen, dim=1))
-    return runs
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("preset,overrides", [("tiny-v3", {}), ("tiny-v2", {"q_lora_rank": None}),
                                               ("tiny-v3", {"n_shared_experts": 0, "first_k_dense_replace": 0})])
@@ -101,7 +80,7 @@ def test_whole_step_equals_its_pieces_bitwise(preset, overrides, dtype):
         for lengths, n_threads in (([150], threads), ([140, 9, 133], threads), ([140, 9, 133], 1)):
             torch.set_num_threads(n_threads)  # one thread: no key split, no row shares
             prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-            whole, pieces = _whole_and_pieces(model, prompts, 4)
+            whole, pieces = _steps(model, prompts, 5, True), _steps(model, prompts, 5, True, whole=False)
             assert torch.equal(whole, pieces)
     finally:
         torch.set_num_threads(threads)

@@ -214,3 +214,28 @@ def _has_ninja_module() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_build_announcements_and_a_stale_lock(tmp_path, capsys):
+    """A build to come is announced on stderr; a fresh lock (another process building) is waited for, with a line
+    saying so; a lock older than any build (left by a killed build, which torch would wait on forever) is removed."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from dsmoe.ops import cpu_kernels as ck
+
+    fake = SimpleNamespace(_get_build_directory=lambda name, verbose: str(tmp_path))
+    ck._announce_build(fake, "x")
+    assert "building the CPU decode kernels" in capsys.readouterr().err
+    lock = tmp_path / "lock"
+    lock.touch()
+    ck._announce_build(fake, "x")
+    assert "waiting for another process" in capsys.readouterr().err and lock.exists()
+    old = time.time() - ck._STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    ck._announce_build(fake, "x")
+    assert not lock.exists() and "building the CPU decode kernels" in capsys.readouterr().err
+    (tmp_path / "x.so").touch()
+    ck._announce_build(fake, "x")
+    assert capsys.readouterr().err == ""  # built: nothing to say

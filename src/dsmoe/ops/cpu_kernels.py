@@ -5,9 +5,10 @@ the layer pieces and mla_decode_step) or None where they cannot be built
 (no C++ compiler or ninja, a build error, or DSMOE_CPU_KERNELS=0): callers then keep PyTorch's own
 operators, which compute the same thing (tests/test_cpu_kernels.py holds each kernel against them).
 The build goes through torch.utils.cpp_extension with -O3 -march=native into torch's extension cache
-(~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); the name carries a hash of the sources and of this
-CPU's flags, so a change of either rebuilds. The first build takes ~45 s on 2 cores (a line on stderr says so);
-later loads ~0.2 s.
+(~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); the name carries a hash of the sources, of their folder
+and of this CPU's flags, so a change of any rebuilds (the folder: two checkouts sharing one build directory would
+rebuild it in turn, since ninja's build file records the sources' paths). The first build takes ~45 s on 2 cores
+(a line on stderr says so); later loads ~0.2 s. A build lock left by a killed build is cleared after 10 minutes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import platform
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +33,7 @@ HEADERS = [Path(__file__).parent / "cpu" / "kernel_math.h"]
 MAX_TOKENS = 8  # kMaxTokens in the source: the most tokens one call takes
 
 _DTYPES = (torch.float32, torch.bfloat16)
+_STALE_LOCK_SECONDS = 600  # a build takes ~45-90 s: a lock this old belongs to a build that was killed
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 _switch = {"on": os.environ.get("DSMOE_CPU_KERNELS", "1") != "0"}
@@ -75,7 +78,8 @@ def _cpu_flags() -> str:
 
 def _build_name() -> str:
     code = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    digest = hashlib.sha256(code + _cpu_flags().encode() + torch.__version__.encode())
+    folder = str(SOURCES[0].parent.resolve()).encode()
+    digest = hashlib.sha256(code + folder + _cpu_flags().encode() + torch.__version__.encode())
     return f"dsmoe_cpu_{digest.hexdigest()[:12]}"
 
 
@@ -107,9 +111,7 @@ def _load():
         from torch.utils import cpp_extension
 
         name = _build_name()
-        if not _already_built(cpp_extension, name):  # a silent ~45 s would look like a hang
-            print("dsmoe: building the CPU decode kernels (once per machine and torch version, ~45 s on 2 cores)",
-                  file=sys.stderr, flush=True)
+        _announce_build(cpp_extension, name)
         # -ffp-contract=off: no silent fused multiply-adds, so that the operators and the whole step, compiled
         # separately, round alike (the step is tested bitwise against the operators)
         cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], is_python_module=False,
@@ -121,11 +123,28 @@ def _load():
     return torch.ops.dsmoe_cpu, None
 
 
-def _already_built(cpp_extension, name: str) -> bool:
+def _announce_build(cpp_extension, name: str) -> None:
+    """Say on stderr when the load will build (a silent ~45 s looks like a hang) or wait for another process's
+    build; remove a lock older than any build, which a build killed mid-way leaves (torch would wait forever)."""
+    try:  # a private helper of torch's: if it changes, only the announcement and the lock check are lost
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:
+        return
+    lock = folder / "lock"
     try:
-        return (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").exists()
-    except Exception:  # a private helper of torch's: if it changes, only the announcement is lost
-        return True
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+            log.warning("removing %s, left %.0f min ago by a CPU-kernel build that did not finish", lock,
+                        (time.time() - lock.stat().st_mtime) / 60)
+            lock.unlink()
+        else:
+            print(f"dsmoe: waiting for another process building the CPU decode kernels (lock {lock})",
+                  file=sys.stderr, flush=True)
+            return
+    except FileNotFoundError:
+        pass
+    if not (folder / f"{name}.so").exists():
+        print("dsmoe: building the CPU decode kernels (once per checkout, machine and torch version, ~45 s on "
+              "2 cores)", file=sys.stderr, flush=True)
 
 
 def _register_fakes() -> None:
